@@ -1,0 +1,1 @@
+"""The `turbodiffusion` command (see turbodiffusion.cli)."""

@@ -1,0 +1,5 @@
+import sys
+
+from turbodiffusion.cli import main
+
+sys.exit(main())

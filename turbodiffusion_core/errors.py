@@ -1,0 +1,25 @@
+"""Exceptions the engine raises that its callers (CLI, worker) handle specially. Torch-free."""
+
+
+class EngineError(RuntimeError):
+    """Base class; `code` is a stable machine-readable name (the API's error code)."""
+
+    code = "engine_error"
+
+
+class Cancelled(EngineError):
+    """`should_cancel()` returned True between two steps."""
+
+    code = "cancelled"
+
+
+class ModelFilesMissing(EngineError):
+    """A preset's files are not in the models folder."""
+
+    code = "model_files_missing"
+
+
+class CheckpointMismatch(EngineError):
+    """A checkpoint's keys or shapes do not fit the module built for it."""
+
+    code = "checkpoint_mismatch"
