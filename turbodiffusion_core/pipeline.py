@@ -301,7 +301,7 @@ class VideoPipeline:
 
         return rcm_sample(
             denoise, shape, steps=req.steps, sigma_max=req.sigma_max, generator=generator, device=self.device,
-            ode=req.ode, on_step=step_done, should_cancel=should_cancel,
+            ode=req.ode, model_dtype=self.dtype, on_step=step_done, should_cancel=should_cancel,
         )
 
     def _sample_unipc(self, req, shape, generator, context, negative, step_done, should_cancel):
@@ -311,16 +311,17 @@ class VideoPipeline:
         model = self.experts["dit"]
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
 
-        def velocity(x, t_input):
-            xd = x.to(self.dtype)
-            v = model(xd, t_input, context, **kwargs)
-            if negative is None:
-                return v
-            v_neg = model(xd, t_input, negative, **kwargs)
-            return v_neg + req.guidance_scale * (v - v_neg)
+        def velocity_of(ctx):
+            def fn(x, t_input, step_index, sigma):
+                return model(x.to(self.dtype), t_input.to(self.dtype), ctx, **kwargs).float()
 
-        return unipc_sample(velocity, noise, steps=req.steps, shift=req.shift, on_step=step_done,
-                            should_cancel=should_cancel)
+            return fn
+
+        return unipc_sample(
+            velocity_of(context), noise, steps=req.steps, shift=req.shift, guidance_scale=req.guidance_scale,
+            uncond_fn=velocity_of(negative) if negative is not None else None, on_step=step_done,
+            should_cancel=should_cancel,
+        )
 
 
 # Default unconditional prompt for classifier-free guidance on the original 50-step models, used when a
