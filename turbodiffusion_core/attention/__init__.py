@@ -12,7 +12,7 @@ blocks SLA keeps; dense attention ignores both.
 Names (`spec.ATTENTION_TYPES` plus the reference):
 - "original": dense softmax attention through torch SDPA (flash / cuDNN on the GPU).
 - "sla_reference": the pure-PyTorch SLA formula (sla_reference.py), the ground truth for kernels.
-- "sla": SLA; resolves to the reference until the Triton kernel is registered here.
+- "sla": SLA through the fused Triton kernel (attention/sla_triton.py) on CUDA; the reference elsewhere.
 - "sagesla": SLA on SpargeAttn's quantized kernels; needs the `spas_sage_attn` package.
 - "auto": "sla" on CUDA for a model that carries SLA projections (its weights were fine-tuned for it),
   else "original". The choice is logged.
@@ -91,9 +91,16 @@ def get_backend(name: str, *, device_type: str = "cpu", has_sla_proj: bool = Fal
         raise AttentionUnavailable(_sagesla_unavailable_reason(device_type))
     from turbodiffusion_core.attention.sla_reference import sla_reference
 
-    if concrete == "sla" and device_type == "cuda" and "sla" not in _warned:
-        _warned.add("sla")
-        log.warning("attention sla: no fused kernel registered; running the PyTorch reference (slow)")
+    if concrete == "sla" and device_type == "cuda":
+        from turbodiffusion_core.kernels.triton_support import triton_installed
+
+        if triton_installed():
+            from turbodiffusion_core.attention.sla_triton import sla_triton
+
+            return sla_triton
+        if "sla" not in _warned:
+            _warned.add("sla")
+            log.warning("attention sla: Triton is not installed; running the PyTorch reference (slow)")
     return sla_reference
 
 

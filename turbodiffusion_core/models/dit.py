@@ -25,6 +25,7 @@ model serves requests that ask for different ones.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -156,8 +157,14 @@ class WanSelfAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         heads = (batch, length, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), rope)
+        if _fused(x):
+            from turbodiffusion_core.kernels.rope import qk_norm_rope
+
+            q, k = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, rope,
+                                num_heads=self.num_heads, eps=self.norm_q.eps, inplace=True)
+        else:
+            q = apply_rope(self.norm_q(self.q(x)).view(heads), rope)
+            k = apply_rope(self.norm_k(self.k(x)).view(heads), rope)
         v = self.v(x).view(heads)
         proj_l = self.attn_op.local_attn.proj_l if self.attn_op is not None else None
         out = attn(q, k, v, proj_l=proj_l, topk=topk)
@@ -211,11 +218,46 @@ class WanAttentionBlock(nn.Module):
         """x: float32 residual [B, L, dim]; e0: float32 [B, 6, dim]; context in the compute dtype."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        if _fused(x):
+            return self._forward_fused(x, context, rope, attn, topk, shift_sa, scale_sa, gate_sa, shift_ff,
+                                       scale_ff, gate_ff)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa)
         x = torch.addcmul(x, self.self_attn(h.to(dtype), rope, attn, topk), gate_sa)
         x = x + self.cross_attn(self.norm3(x).to(dtype), context)
         h = torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff)
         return torch.addcmul(x, self.ffn(h.to(dtype)), gate_ff)
+
+    def _forward_fused(self, x, context, rope, attn, topk, shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff):
+        """The same block with the Triton kernels (kernels/norm.py, kernels/rope.py): each residual update
+        and the LayerNorm + modulation after it are one pass over the float32 stream, and the FFN's GELU
+        is fused into the down projection's activation quantizer when that layer is quantized."""
+        from turbodiffusion_core.kernels.norm import residual_layernorm
+
+        dtype = context.dtype
+        _, h, _ = residual_layernorm(x, shift=shift_sa, scale=scale_sa, eps=self.norm1.eps, out_dtype=dtype)
+        y = self.self_attn(h, rope, attn, topk)
+        x, h, _ = residual_layernorm(x, y, gate_sa, weight=self.norm3.weight.float(), bias=self.norm3.bias.float(),
+                                     eps=self.norm3.eps, out_dtype=dtype, inplace=True)
+        y = self.cross_attn(h, context)
+        x, h, _ = residual_layernorm(x, y, shift=shift_ff, scale=scale_ff, eps=self.norm2.eps, out_dtype=dtype,
+                                     inplace=True)
+        up, down = self.ffn[0], self.ffn[2]
+        if hasattr(down, "weight_scale") or hasattr(down, "int8_weight"):  # quantized: GELU inside its quantizer
+            y = down(up(h), act="gelu_tanh")
+        else:
+            y = down(F.gelu(up(h), approximate="tanh"))
+        x, _, _ = residual_layernorm(x, y, gate_ff, norm=False, inplace=True)
+        return x
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the Triton elementwise kernels run here: CUDA tensors with Triton installed. TD_NO_FUSED=1
+    turns them off (to measure what they save, or to rule them out)."""
+    if not x.is_cuda or os.environ.get("TD_NO_FUSED") == "1":
+        return False
+    from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+    return kernels_usable(x)
 
 
 class Head(nn.Module):

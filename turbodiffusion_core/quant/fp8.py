@@ -73,7 +73,17 @@ class Fp8Linear(nn.Module):
             module.bias.copy_(linear.bias.detach())
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+        """W8A8 on the GPU (activations quantized per row on the fly, `act` fused into that pass);
+        elsewhere the weight-only reference: dequantize the weight and multiply in x's dtype."""
+        from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+        if x.is_cuda and kernels_usable(x):
+            from turbodiffusion_core.quant.kernels import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, act=act).to(x.dtype)
+        if act == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
         weight = dequantize_fp8_rowwise(self.weight, self.weight_scale).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)

@@ -116,7 +116,17 @@ class TileInt8Linear(nn.Module):
             module.bias.copy_(linear.bias.detach())
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+        """The TurboDiffusion W8A8 math: the Triton tile GEMM on the GPU, the PyTorch reference elsewhere.
+        `act` ("gelu_tanh") is applied to x first (fused into the activation quantizer on the GPU)."""
+        from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+        if x.is_cuda and kernels_usable(x):
+            from turbodiffusion_core.quant.kernels import int8_tile_linear
+
+            return int8_tile_linear(x, self.int8_weight, self.scale, self.bias, act=act)
+        if act == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
         return w8a8_tile_reference(x, self.int8_weight, self.scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,281 @@
+"""/v1/videos: create, list, retrieve, cancel, delete, download content, follow events.
+
+The hot reads (retrieve, list, events) are `async` and use server.reads on the async Redis client.
+Writes go through server.store on the synchronous client (RQ has no async API): cancel, delete
+and content are plain `def` routes, which FastAPI runs in its thread pool, and create reads its
+body on the event loop, then hands the rest to that pool. Every lookup goes through the caller's
+owner id, so another key's video is a 404.
+
+Documented behaviour beyond OpenAI's API:
+- Idempotency-Key: a retried create with the same key (per API key) and the same body returns the
+  first video (header `idempotent-replayed: true`); the same key with a different body is a 422
+  `idempotency_key_reused` (not a 409, which the SDK would retry). Keys live TD_IDEMPOTENCY_TTL s.
+- Cancelled videos read `status: "failed"`, `error.code: "cancelled"`, `cancelled: true`.
+- A full queue (TD_MAX_QUEUE per model) answers 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import current_owner
+from server.bodies import CreateBody, read_create_body
+from server.errors import APIError, validation_error
+from server.events import video_events
+from server.images import ReferenceImage, resolve_reference
+from server.reads import CursorError
+from server.schemas import GENERATION_FIELDS, ImageReference, Video, VideoCreateParams, VideoDeleted, VideoList
+from server.settings import Settings
+from server.store import Idempotency, Store, StoreError, new_video_id
+from server.views import public_video
+from server.webhooks import delivery_log
+from turbodiffusion_core import spec
+from turbodiffusion_core.video import MEDIA_TYPES, VARIANTS
+
+log = logging.getLogger("turbodiffusion.server")
+router = APIRouter(prefix="/v1/videos", tags=["videos"])
+
+DEFAULT_JOB_SECONDS = 10.0
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _not_found(video_id: str) -> APIError:
+    return APIError(404, f"no video with id {video_id!r}", code="video_not_found", param="video_id")
+
+
+def _owned(request: Request, video_id: str, owner: str) -> dict:
+    rec = _store(request).get_owned(video_id, owner)
+    if rec is None:
+        raise _not_found(video_id)
+    return rec
+
+
+def _view(request: Request, rec: dict, with_deliveries: bool = True) -> dict:
+    store = _store(request)
+    deliveries = delivery_log(store.r, rec["id"]) if with_deliveries else []
+    return public_video(rec, queue_position=store.queue_position(rec), deliveries=deliveries)
+
+
+def _poll_headers(request: Request, rec: dict) -> dict[str, str]:
+    if rec["status"] in spec.TERMINAL_STATUSES:
+        return {}
+    return {"openai-poll-after-ms": str(request.app.state.settings.poll_after_ms)}
+
+
+_CREATE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/VideoCreateParams"}},
+        "multipart/form-data": {
+            "schema": {
+                "allOf": [{"$ref": "#/components/schemas/VideoCreateParams"}],
+                "properties": {"input_reference": {"type": "string", "format": "binary"}},
+            }
+        },
+    },
+}
+
+
+@router.post(
+    "",
+    response_model=Video,
+    openapi_extra={"requestBody": _CREATE_BODY},
+    summary="Create a video (multipart as the openai SDK sends it, or JSON)",
+    responses={400: {"description": "invalid request"}, 404: {"description": "model not found"},
+               429: {"description": "queue full (see Retry-After)"}},
+)
+async def create_video(request: Request, owner: str = Depends(current_owner)):
+    settings = request.app.state.settings
+    body = await read_create_body(request, settings.max_upload_bytes)
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not (1 <= len(idem) <= 255):
+        raise APIError(400, "Idempotency-Key must be 1 to 255 characters", code="invalid_value",
+                       param="Idempotency-Key")
+    rec, created, view = await run_in_threadpool(_create, request, owner, body, idem)
+    return _respond(request, rec, view, replayed=not created)
+
+
+def _respond(request: Request, rec: dict, view: dict, replayed: bool = False) -> JSONResponse:
+    """The Video object, checked against its schema, with openai-poll-after-ms while unfinished."""
+    headers = _poll_headers(request, rec)
+    if replayed:
+        headers["idempotent-replayed"] = "true"
+    return JSONResponse(Video.model_validate(view).model_dump(mode="json"), headers=headers)
+
+
+def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str]) -> tuple[dict, bool, dict]:
+    """Validate against the model, check the queue, store the image, write record + job.
+    Returns (record, created, public view)."""
+    state = request.app.state
+    settings, store = state.settings, state.store
+    params: VideoCreateParams = body.params
+    model = state.catalog.check(params.model)
+    preset = spec.get_preset(model)
+
+    image = _reference_image(params, body, preset, settings)
+    fields = {name: getattr(params, name) for name in GENERATION_FIELDS}
+    fields["model"] = model
+    if image:
+        fields.update(image_width=image.width, image_height=image.height)
+    try:
+        resolved = spec.resolve(spec.GenerationRequest(**fields))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+    depth = store.queue_depth(model)
+    if depth >= settings.max_queue:
+        wait = _retry_after(store, depth - settings.max_queue + 1, state.catalog.live().get(model, []))
+        raise APIError(429, f"the queue for {model} is full ({depth} videos waiting); retry in {wait} s",
+                       code="queue_full", headers={"Retry-After": str(wait)})
+
+    video_id = new_video_id()
+    # stored by file name: API and workers may mount the storage folder at different paths
+    image_name = image.save(store.video_dir(video_id)).name if image else None
+    try:
+        rec, created = store.create(
+            video_id=video_id,
+            owner=owner,
+            resolved=resolved,
+            priority=params.priority,
+            metadata=params.metadata,
+            webhook_url=params.webhook_url,
+            webhook_events=params.webhook_events,
+            input_image=image_name,
+            idempotency=Idempotency(idem, body.fingerprint()) if idem else None,
+        )
+    except StoreError as exc:
+        raise APIError(422, exc.message, code=exc.code, param="Idempotency-Key") from None
+    finally:
+        if image_name and (store.get(video_id) is None):
+            store.drop_files(video_id)
+    if created:
+        log.info("video %s received: %s %s %s frames, %d steps, priority %s (queue %d)", video_id, model,
+                 resolved.size, resolved.num_frames, resolved.steps, params.priority, depth + 1)
+    # a new video has no webhook deliveries yet: skip that read
+    return rec, created, _view(request, rec, with_deliveries=not created)
+
+
+def _reference_image(
+    params: VideoCreateParams, body: CreateBody, preset: spec.Preset, settings: Settings
+) -> Optional[ReferenceImage]:
+    """The checked input_reference image, required by image-to-video models and refused by the others."""
+    ref = params.input_reference
+    image_url = ref if isinstance(ref, str) else (ref.image_url if isinstance(ref, ImageReference) else None)
+    file_id = ref.file_id if isinstance(ref, ImageReference) else None
+    wants_image = body.upload is not None or bool(image_url) or bool(file_id)
+    if wants_image and preset.task != "i2v":
+        raise APIError(400, f"{preset.id} is a text-to-video model; input_reference is only for image-to-video "
+                            "models (GET /v1/models lists each model's task)",
+                       code="unsupported_value", param="input_reference")
+    if preset.task == "i2v" and not wants_image:
+        raise APIError(400, f"{preset.id} is an image-to-video model: send input_reference (JPEG, PNG or WebP)",
+                       code="missing_required_parameter", param="input_reference")
+    if not wants_image:
+        return None
+    return resolve_reference(upload=body.upload, image_url=image_url, file_id=file_id,
+                             max_bytes=settings.max_upload_bytes, allow_private=settings.allow_private_webhooks)
+
+
+def _retry_after(store: Store, excess: int, workers: list) -> int:
+    """Seconds until roughly `excess` queued videos have drained, from the mean job time so far."""
+    counters = store.counters()
+    count = counters.get("stage_seconds_count:total", 0.0)
+    mean = counters.get("stage_seconds_sum:total", 0.0) / count if count else DEFAULT_JOB_SECONDS
+    return max(1, min(120, math.ceil(mean * excess / max(1, len(workers)))))
+
+
+@router.get("", response_model=VideoList, summary="List your videos (cursor pagination)")
+async def list_videos(
+    request: Request,
+    owner: str = Depends(current_owner),
+    after: Optional[str] = Query(None, max_length=64, description="id of the last video of the previous page"),
+    limit: int = Query(20, ge=1, le=100),
+    order: Literal["asc", "desc"] = Query("desc", description="by creation time"),
+):
+    try:
+        recs, has_more = await request.app.state.reads.page(owner, after=after, limit=limit, order=order)
+    except CursorError as exc:
+        raise APIError(400, str(exc), code="invalid_cursor", param="after") from None
+    data = [public_video(r) for r in recs]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+@router.get("/{video_id}", response_model=Video, summary="Retrieve a video (sends openai-poll-after-ms)")
+async def retrieve_video(request: Request, video_id: str, owner: str = Depends(current_owner)):
+    reads = request.app.state.reads
+    found = await reads.get_owned(video_id, owner)
+    if found is None:
+        raise _not_found(video_id)
+    rec, deliveries = found
+    view = public_video(rec, queue_position=await reads.queue_position(rec), deliveries=deliveries)
+    return _respond(request, rec, view)
+
+
+@router.delete("/{video_id}", response_model=VideoDeleted, summary="Delete a video (cancels it if unfinished)")
+def delete_video(request: Request, video_id: str, owner: str = Depends(current_owner)):
+    _owned(request, video_id, owner)
+    _store(request).delete(video_id)
+    return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+
+@router.post("/{video_id}/cancel", response_model=Video,
+             summary="Cancel a queued or running video (extension; ends as failed + cancelled)")
+def cancel_video(request: Request, video_id: str, owner: str = Depends(current_owner)):
+    _owned(request, video_id, owner)
+    try:
+        rec = _store(request).cancel(video_id)
+    except StoreError as exc:
+        status = 404 if exc.code == "not_found" else 409
+        raise APIError(status, exc.message, code=exc.code, param="video_id") from None
+    return _respond(request, rec, _view(request, rec))
+
+
+@router.get(
+    "/{video_id}/content",
+    summary="Download the MP4, its thumbnail (WebP) or spritesheet (JPEG); Range supported",
+    response_class=FileResponse,
+    responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}},
+)
+def download_content(
+    request: Request,
+    video_id: str,
+    owner: str = Depends(current_owner),
+    variant: Literal[VARIANTS] = Query("video"),
+):
+    rec = _owned(request, video_id, owner)
+    if rec["status"] != "completed":
+        raise APIError(404, f"video {video_id} has no content: it is {rec['status']}", code="content_not_ready",
+                       param="video_id")
+    name = (rec.get("files") or {}).get(variant)
+    path = _store(request).video_dir(video_id) / name if name else None
+    if path is None or not path.is_file():
+        raise APIError(404, f"the {variant} of video {video_id} is no longer stored", code="content_expired")
+    return FileResponse(path, media_type=MEDIA_TYPES[variant], filename=f"{video_id}{path.suffix}",
+                        content_disposition_type="inline")
+
+
+@router.get("/{video_id}/events", summary="Server-sent events: the video object each time it changes",
+            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def follow_events(request: Request, video_id: str, owner: str = Depends(current_owner)):
+    state = request.app.state
+    if await state.reads.get_owned(video_id, owner) is None:
+        raise _not_found(video_id)
+    stream = video_events(state.reads, video_id, owner, max_seconds=state.settings.job_timeout + 600)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

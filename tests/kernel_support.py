@@ -1,0 +1,35 @@
+"""Shared by the Triton kernel tests (tests/test_kernels_*.py).
+
+Their CPU tests run under Triton's interpreter, which is a property of a whole process (set before triton
+is first imported), so each file has one ordinary test that runs every kernel test file once in a
+separate interpreter process (the run is cached and shared) and checks its own lines of the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from turbodiffusion_core.kernels.triton_support import interpreting, pytest_under_interpreter
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TEST_FILES = tuple(sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("tests/test_kernels_*.py")))
+on_cpu = pytest.mark.skipif(not interpreting(), reason="runs in test_cpu_kernels_in_interpreter's process")
+on_gpu = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check_interpreter_run(test_file: str) -> None:
+    """Assert that test_file's CPU tests passed in the shared interpreter process (skip inside it)."""
+    if interpreting():
+        pytest.skip("this is the interpreter process")
+    report = pytest_under_interpreter(KERNEL_TEST_FILES, str(ROOT))
+    mine = Path(test_file).resolve().relative_to(ROOT).as_posix()
+    assert f"PASSED {mine}::" in report, report[-6000:]
+    assert f"FAILED {mine}" not in report and f"ERROR {mine}" not in report, report[-6000:]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).norm() / ref.norm())

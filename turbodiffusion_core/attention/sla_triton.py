@@ -1,0 +1,354 @@
+"""The `sla` backend on the GPU: SLA's main-branch formula as two Triton kernels.
+
+Same inputs and same math as `sla_reference` (read its docstring for the formula); what differs is how
+often memory is touched. For q, k, v [B, L, H, D] (bf16, after RoPE):
+
+1. `_sla_prep_kernel` reads q, k and v once. Per key block of BLKK tokens it writes the block sums of q
+   and k (float32, tiny), and per chunk of key blocks the partial linear-attention state
+   phi(K)^T V [D, D] and sum phi(K) [D] (phi = softmax over the head dim). Partials instead of atomics
+   keep the result deterministic; summing them in torch costs a few microseconds.
+2. Block map in torch on the pooled vectors (a few MB): q pooled per BLKQ, k mean-centred and pooled per
+   BLKK, raw dot-product scores, `topk` key blocks per query block, indices sorted ascending. Sorting lets
+   the attention kernel treat only the last kept block as possibly partial (only the sequence's last
+   block can be), so no other iteration pays for tail masking.
+3. `_sla_attn_kernel`, one program per (query tile, batch*head): online-softmax attention over the kept
+   key blocks only (exp2 domain, scale 1/sqrt(D)), then in the epilogue the linear branch
+   phi(q) KV / (1e-5 + phi(q).ksum), its `proj_l` (D x D + bias, shared by the heads), the sum of both
+   branches, and one bf16 store in the [B, L, H, D] layout the o-projection reads as [B, L, H*D].
+
+Inputs may be any [B, L, H, D] views whose head_dim is contiguous (the q/k/v projections' `view`).
+Differences from the reference are rounding only: bf16 MMA operands (P, phi(q), phi(k), KV and the
+linear output are rounded to bf16 before their matmuls, as TurboDiffusion's bf16 SLA does) and the
+summation order of the pooled means, which can swap a key block whose score ties another's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from turbodiffusion_core.attention.sla_reference import BLKK, BLKQ, LINEAR_EPS, sla_topk_count
+from turbodiffusion_core.kernels.triton_support import autotune
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+PREP_PROGRAMS_PER_SM = 4
+"""Prep-kernel programs per SM to aim for: enough in flight to saturate HBM, few partials to sum."""
+
+
+@autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3))],
+    key=["seq_len", "HEAD_DIM", "WITH_LINEAR"],
+)
+@triton.jit
+def _sla_prep_kernel(
+    q_ptr, k_ptr, v_ptr,
+    qsum_ptr, ksum_ptr, kv_part_ptr, ks_part_ptr,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    seq_len, num_heads, num_kblocks, num_chunks, blocks_per_chunk,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WITH_LINEAR: tl.constexpr,
+):
+    """Grid (num_chunks, B*H). Block sums of q and k per BLOCK_N tokens; linear-branch partials per chunk."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
+    ks = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(0, blocks_per_chunk):
+        blk = chunk * blocks_per_chunk + j
+        rows = blk * BLOCK_N + offs_n
+        valid = rows < seq_len
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+        out = (bh * num_kblocks + blk) * HEAD_DIM + offs_d
+        in_range = (offs_d * 0 + blk) < num_kblocks
+        tl.store(qsum_ptr + out, tl.sum(q.to(tl.float32), axis=0), mask=in_range)
+        kf = k.to(tl.float32)
+        tl.store(ksum_ptr + out, tl.sum(kf, axis=0), mask=in_range)
+        if WITH_LINEAR:
+            v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=valid[:, None], other=0.0)
+            e = tl.exp(kf - tl.max(kf, axis=1)[:, None])
+            phi = e / tl.sum(e, axis=1)[:, None]
+            phi = tl.where(valid[:, None], phi, 0.0)
+            ks += tl.sum(phi, axis=0)
+            kv = tl.dot(tl.trans(phi.to(v.dtype)), v, kv)
+    if WITH_LINEAR:
+        part = bh * num_chunks + chunk
+        tl.store(kv_part_ptr + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], kv)
+        tl.store(ks_part_ptr + part * HEAD_DIM + offs_d, ks)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr):
+    """One online-softmax step of q [M, D] over a key block (k, v [N, D]); m_i in log2 units.
+
+    The scale is applied inside the exponent's fused multiply-add (it is positive, so it commutes with max).
+    """
+    s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm, w, s in ((128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 4))  # 128 rows on 4 warps spills
+    ],
+    key=["seq_len", "topk", "HEAD_DIM", "WITH_LINEAR"],
+)
+@triton.jit
+def _sla_attn_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lut_ptr,
+    kv_ptr, ksum_ptr, w_ptr, bias_ptr,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    seq_len, num_heads, num_qblocks, topk, qk_scale, linear_eps,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLKQ: tl.constexpr,
+    EVEN_L: tl.constexpr, WITH_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Grid (cdiv(L, BLOCK_M), B*H). Sparse softmax branch + linear branch + proj_l, one store."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    lut_row = lut_ptr + (bh * num_qblocks + (pid_m * BLOCK_M) // BLKQ) * topk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # The LUT is sorted, so only its last entry can be the sequence's partial last block.
+    num_full = topk
+    if not EVEN_L:
+        num_full = topk - 1
+    for i in range(0, num_full):
+        start = tl.load(lut_row + i) * BLOCK_N
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, qk_scale, offs_n, False)
+    if not EVEN_L:
+        start = tl.load(lut_row + topk - 1) * BLOCK_N
+        key_ok = (start + offs_n) < seq_len
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, qk_scale, key_ok, True)
+    out = acc / l_i[:, None]
+
+    if WITH_LINEAR:
+        qf = q.to(tl.float32)
+        e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
+        phi = e / tl.sum(e, axis=1)[:, None]
+        kv = tl.load(kv_ptr + bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        numer = tl.dot(phi.to(kv.dtype), kv)
+        ksum = tl.load(ksum_ptr + bh * HEAD_DIM + offs_d)
+        denom = tl.sum(phi * ksum[None, :], axis=1) + linear_eps
+        linear = numer / denom[:, None]
+        w_t = tl.load(w_ptr + offs_d[None, :] * HEAD_DIM + offs_d[:, None])  # proj_l.weight^T: [in, out]
+        proj = tl.dot(linear.to(w_t.dtype), w_t)
+        if HAS_BIAS:
+            proj += tl.load(bias_ptr + offs_d)[None, :]
+        out += proj
+
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass
+class SLAPrep:
+    """What the attention kernel needs besides q, k, v.
+
+    lut: int32 [B*H, ceil(L/blkq), topk], kept key-block indices per query block, ascending.
+    kv: [B*H, D, D] phi(K)^T V in v's dtype, ksum: float32 [B*H, D] sum of phi(K); None without proj_l.
+    """
+
+    lut: torch.Tensor
+    kv: Optional[torch.Tensor]
+    ksum: Optional[torch.Tensor]
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blkq: int, blkk: int) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"q, k, v must share one [B, L, H, D] shape, got {shapes}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}")
+    if blkq != 128 or blkk not in (32, 64, 128):
+        raise ValueError(
+            f"block sizes ({blkq}, {blkk}) unsupported: blkq must be 128 (a multiple of every BLOCK_M), "
+            "blkk 32, 64 or 128"
+        )
+
+
+def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _block_counts(length: int, block: int, device: torch.device) -> torch.Tensor:
+    """Tokens in each block of `block` tokens (the last may be partial), float32 [nblocks, 1]."""
+    starts = torch.arange(0, length, block, device=device)
+    return (length - starts).clamp(max=block).float()[:, None]
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def sla_prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk: float,
+    *,
+    with_linear: bool,
+    blkq: int = BLKQ,
+    blkk: int = BLKK,
+) -> SLAPrep:
+    """Block map (and, with `with_linear`, the linear branch's KV and ksum) for q, k, v [B, L, H, D]."""
+    _check_inputs(q, k, v, blkq, blkk)
+    q, k, v = (_head_dim_contiguous(x) for x in (q, k, v))
+    batch, length, heads, dim = q.shape
+    bh = batch * heads
+    nk = math.ceil(length / blkk)
+    nq = math.ceil(length / blkq)
+    chunks = min(nk, max(1, PREP_PROGRAMS_PER_SM * _num_sms(q.device) // bh))
+    per_chunk = math.ceil(nk / chunks)
+    chunks = math.ceil(nk / per_chunk)
+
+    f32 = dict(device=q.device, dtype=torch.float32)
+    qsum = torch.empty(bh, nk, dim, **f32)
+    ksum_blocks = torch.empty(bh, nk, dim, **f32)
+    if with_linear:
+        kv_part = torch.empty(bh, chunks, dim, dim, **f32)
+        ks_part = torch.empty(bh, chunks, dim, **f32)
+    else:
+        kv_part = ks_part = qsum  # never written: WITH_LINEAR is off
+    _sla_prep_kernel[(chunks, bh)](
+        q, k, v, qsum, ksum_blocks, kv_part, ks_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        length, heads, nk, chunks, per_chunk,
+        HEAD_DIM=dim, BLOCK_N=blkk, WITH_LINEAR=with_linear,
+    )
+
+    # Query blocks: sums of the key-sized block sums they span. Dividing a query block's row of scores by
+    # its (positive) token count would not change which key blocks it keeps, so the division is skipped.
+    ratio = blkq // blkk
+    if nq * ratio != nk:
+        qsum = torch.nn.functional.pad(qsum, (0, 0, 0, nq * ratio - nk))
+    q_blocks = qsum.view(bh, nq, ratio, dim).sum(dim=2)
+    k_mean = ksum_blocks.sum(dim=1, keepdim=True) / length
+    pooled_k = ksum_blocks / _block_counts(length, blkk, q.device) - k_mean  # block means of k - mean_L k
+    scores = torch.bmm(q_blocks, pooled_k.transpose(1, 2))
+    keep = sla_topk_count(topk, nk)
+    lut = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    if not with_linear:
+        return SLAPrep(lut=lut, kv=None, ksum=None)
+    return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1))
+
+
+def sla_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prep: SLAPrep,
+    proj_weight: Optional[torch.Tensor] = None,
+    proj_bias: Optional[torch.Tensor] = None,
+    *,
+    blkq: int = BLKQ,
+    blkk: int = BLKK,
+) -> torch.Tensor:
+    """Sparse branch over `prep.lut` (+ linear branch through proj_weight/bias) -> [B, L, H, D] in q's dtype.
+
+    `prep.lut` must be sorted ascending within each query block (as `sla_prepare` makes it).
+    """
+    _check_inputs(q, k, v, blkq, blkk)
+    q, k, v = (_head_dim_contiguous(x) for x in (q, k, v))
+    batch, length, heads, dim = q.shape
+    bh = batch * heads
+    nq = math.ceil(length / blkq)
+    lut = prep.lut.to(torch.int32).contiguous()
+    if lut.shape[:2] != (bh, nq):
+        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected ({bh}, {nq}, topk)")
+    with_linear = proj_weight is not None
+    if with_linear and (prep.kv is None or prep.ksum is None):
+        raise ValueError("proj_weight given but the prep has no linear-branch state (with_linear=False)")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if with_linear:
+        kv, ksum = prep.kv.contiguous(), prep.ksum.float().contiguous()
+        weight = proj_weight.to(kv.dtype).contiguous()
+        bias = proj_bias.float().contiguous() if proj_bias is not None else ksum
+    else:
+        kv = ksum = weight = bias = q  # never read: WITH_LINEAR is off
+    topk = lut.shape[2]
+    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), bh)  # noqa: E731
+    _sla_attn_kernel[grid](
+        q, k, v, out, lut, kv, ksum, weight, bias,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        length, heads, nq, topk, LOG2E / math.sqrt(dim), LINEAR_EPS,
+        HEAD_DIM=dim, BLOCK_N=blkk, BLKQ=blkq, EVEN_L=length % blkk == 0,
+        WITH_LINEAR=with_linear, HAS_BIAS=with_linear and proj_bias is not None,
+    )
+    return out
+
+
+def sla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    proj_l: Optional[nn.Linear] = None,
+    topk: float = 0.1,
+) -> torch.Tensor:
+    """The `sla` attention backend: SLA self-attention for q, k, v [B, L, H, D] -> [B, L, H, D].
+
+    Same contract as `sla_reference` (`proj_l=None` means SLA's zero-initialised projection, i.e. the
+    sparse branch alone). The output is contiguous, so `.reshape(B, L, H * D)` is free.
+    """
+    prep = sla_prepare(q, k, v, topk, with_linear=proj_l is not None)
+    if proj_l is None:
+        return sla_attend(q, k, v, prep)
+    return sla_attend(q, k, v, prep, proj_l.weight, proj_l.bias)
+
+
+__all__ = ["SLAPrep", "sla_attend", "sla_prepare", "sla_triton"]

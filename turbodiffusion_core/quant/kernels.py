@@ -1,0 +1,288 @@
+"""GPU fast paths of the quantized linears: Triton activation quantizers and the int8 tile GEMM.
+
+FP8 (`Fp8Linear`'s weights: e4m3, one float32 scale per output channel):
+    `quantize_rows_fp8` reads a bf16 activation once and writes e4m3 values plus one float32 scale per
+    row (amax/448, the `quantize_fp8_rowwise` rule), optionally applying GELU(tanh) first so the FFN's
+    down projection quantizes the up projection's output without a separate GELU pass. The GEMM is
+    `torch._scaled_mm` with row-wise scales ([M, 1] x [1, N], CUTLASS on sm90), bias and bf16 output.
+    Quantizing activations is what makes this W8A8; `Fp8Linear`'s PyTorch forward is weight-only, so the
+    two differ by the activation rounding (about 2-3% relative on Gaussian data).
+
+INT8 tile (TurboDiffusion `-quant` checkpoints: int8 weight + float32 scale per 128x128 tile):
+    `quantize_tiles_int8` is `quantize_tile_int8` for activations (amax per 128x128 tile, floor 1e-8,
+    x*128/amax rounded half-to-even, saturated to [-128, 127], scale amax/128), and `int8_tile_matmul`
+    is `w8a8_tile_reference` as one Triton GEMM: per 128-wide K tile an int8 MMA with int32
+    accumulation, then acc += float(int32) * sA[m_tile, k_tile] * sW[n_tile, k_tile] in float32; bias
+    in the epilogue. Exact up to float32 summation order.
+
+The constants 448 (e4m3 max) and 128 (int8 tile divisor) are those of quant/fp8.py and
+quant/tile_int8.py, written out because Triton kernels cannot read Python globals. e4m3 rounding is
+spelled out in float32 (`kernels.jit_math.round_to_e4m3`) before the then exact cast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from turbodiffusion_core.kernels.jit_math import gelu_tanh, rint, round_to_e4m3
+from turbodiffusion_core.kernels.triton_support import autotune
+from turbodiffusion_core.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
+from turbodiffusion_core.quant.tile_int8 import AMAX_FLOOR as INT8_AMAX_FLOOR
+from turbodiffusion_core.quant.tile_int8 import TILE
+
+MAX_ROW_WIDTH = 16384
+"""Widest row `quantize_rows_fp8` holds in registers (every Wan width, up to 13824, fits)."""
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+@triton.jit
+def _fp8_rowquant_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, amax_floor,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, GELU: tl.constexpr,
+):
+    """Grid cdiv(M, ROWS): ROWS whole rows per program -> e4m3 rows and float32 scales amax/448."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = gelu_tanh(x)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor) / 448.0
+    y = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    q = round_to_e4m3(y).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows64[:, None] * stride_q + cols[None, :], q, mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+@triton.jit
+def _int8_tilequant_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, stride_s, amax_floor,
+    TILE_SIZE: tl.constexpr, GELU: tl.constexpr,
+):
+    """Grid (row tiles, col tiles): one 128x128 tile -> int8 values and its float32 scale amax/128."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    cols = pid_c * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = gelu_tanh(x)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor)
+    q = rint(x * (128.0 / amax))
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + rows64[:, None] * stride_q + cols[None, :], q, mask=mask)
+    tl.store(scale_ptr + pid_r * stride_s + pid_c, amax / 128.0)
+
+
+@autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4))
+    ],
+    key=["M", "N", "K"],
+)
+@triton.jit
+def _int8_tile_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_wn, stride_cm, stride_as, stride_ws,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, TILE_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = sum_kt sA[m/128, kt] sW[n/128, kt] (qA[:, kt] . qW[:, kt]) (+ bias), grouped tile order."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_m = offs_m % M  # wrapped rows/cols compute garbage that the store masks out
+    safe_n = offs_n % N
+    offs_k = tl.arange(0, TILE_K)
+    a_ptrs = a_ptr + safe_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + safe_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    # Output tiles never straddle a 128x128 scale tile (BLOCK_M, BLOCK_N divide TILE_K), so each K step
+    # has one scalar scale per operand: a single multiply-add per accumulator element.
+    tl.static_assert(TILE_K % BLOCK_M == 0 and TILE_K % BLOCK_N == 0)
+    a_scale_ptr += (pid_m * BLOCK_M // TILE_K) * stride_as
+    w_scale_ptr += (pid_n * BLOCK_N // TILE_K) * stride_ws
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, TILE_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = kt * TILE_K + offs_k < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        exact = tl.dot(a, w, out_dtype=tl.int32)
+        acc += exact.to(tl.float32) * (tl.load(a_scale_ptr + kt) * tl.load(w_scale_ptr + kt))
+        a_ptrs += TILE_K
+        w_ptrs += TILE_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> 2-D [M, K] with a unit column stride (a view when possible)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _check_activation(act: Optional[str]) -> bool:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
+    return act == "gelu_tanh"
+
+
+def quantize_rows_fp8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]) with act(x) ~= q * scale, M = x.numel() / K.
+
+    One pass: each program holds whole rows, so the amax and the quantization share one read.
+    """
+    gelu = _check_activation(act)
+    flat = _flat_rows(x)
+    rows, cols = flat.shape
+    if cols > MAX_ROW_WIDTH:
+        raise ValueError(f"rows of {cols} values exceed the {MAX_ROW_WIDTH} quantize_rows_fp8 holds")
+    block_k = triton.next_power_of_2(cols)
+    rows_per_prog = max(1, min(16, 4096 // block_k))
+    num_warps = 4 if block_k <= 4096 else (8 if block_k <= 8192 else 16)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    _fp8_rowquant_kernel[(triton.cdiv(rows, rows_per_prog),)](
+        flat, q, scale, rows, cols, flat.stride(0), q.stride(0), FP8_AMAX_FLOOR,
+        BLOCK_K=block_k, ROWS=rows_per_prog, GELU=gelu, num_warps=num_warps,
+    )
+    return q, scale
+
+
+def fp8_matmul(
+    q_act: torch.Tensor,
+    act_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """(q_act * act_scale) @ (weight * weight_scale[:, None])^T + bias -> bfloat16 [..., N].
+
+    q_act: float8_e4m3fn [..., K] (M rows in all) with one float32 scale per row, act_scale [M, 1] (from
+    `quantize_rows_fp8`, or fused into `kernels.norm.residual_layernorm(out_dtype=torch.float8_e4m3fn)`);
+    weight: float8_e4m3fn [N, K] (`Fp8Linear.weight`); weight_scale: float32 [N]. K and N must be
+    multiples of 16. `use_fast_accum` lets the tensor cores accumulate in reduced precision (faster, less
+    exact).
+    """
+    out_features, in_features = weight.shape
+    if q_act.shape[-1] != in_features:
+        raise ValueError(f"activation has {q_act.shape[-1]} features, the weight takes {in_features}")
+    out = torch._scaled_mm(
+        _flat_rows(q_act),
+        weight.t(),
+        scale_a=act_scale.reshape(-1, 1),
+        scale_b=weight_scale.float().reshape(1, out_features),
+        bias=None if bias is None else bias.to(torch.bfloat16),
+        out_dtype=torch.bfloat16,
+        use_fast_accum=use_fast_accum,
+    )
+    return out.reshape(*q_act.shape[:-1], out_features)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    act: Optional[str] = None,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """W8A8 FP8 linear of act(x) [..., K]: `quantize_rows_fp8` then `fp8_matmul` -> [..., N] in bfloat16."""
+    q, scale = quantize_rows_fp8(x, act)
+    out = fp8_matmul(q, scale, weight, weight_scale, bias, use_fast_accum=use_fast_accum)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def quantize_tiles_int8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [M, K], float32 scale [ceil(M/128), ceil(K/128)]): `quantize_tile_int8` of act(x)."""
+    gelu = _check_activation(act)
+    flat = _flat_rows(x)
+    rows, cols = flat.shape
+    grid = (triton.cdiv(rows, TILE), triton.cdiv(cols, TILE))
+    q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
+    scale = torch.empty(grid, dtype=torch.float32, device=x.device)
+    _int8_tilequant_kernel[grid](
+        flat, q, scale, rows, cols, flat.stride(0), q.stride(0), scale.stride(0), INT8_AMAX_FLOOR,
+        TILE_SIZE=TILE, GELU=gelu, num_warps=8,
+    )
+    return q, scale
+
+
+def int8_tile_matmul(
+    q_act: torch.Tensor,
+    act_scale: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T with 128x128 tile scales ([ceil(M/128), ceil(K/128)], [ceil(N/128), ...])."""
+    rows, inner = q_act.shape
+    out_features = q_weight.shape[0]
+    tiles_k = math.ceil(inner / TILE)
+    if q_weight.shape[1] != inner or act_scale.shape[1] != tiles_k or weight_scale.shape[1] != tiles_k:
+        raise ValueError("activation, weight and their tile scales disagree on K")
+    q_act, q_weight = q_act.contiguous(), q_weight.contiguous()
+    act_scale, weight_scale = act_scale.float().contiguous(), weight_scale.float().contiguous()
+    out = torch.empty(rows, out_features, dtype=out_dtype, device=q_act.device)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_tile_gemm_kernel[grid](
+        q_act, act_scale, q_weight, weight_scale, bias if bias is not None else act_scale, out,
+        rows, out_features, inner,
+        q_act.stride(0), q_weight.stride(0), out.stride(0), act_scale.stride(0), weight_scale.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=inner % TILE == 0, TILE_K=TILE,
+    )
+    return out
+
+
+def int8_tile_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    act: Optional[str] = None,
+) -> torch.Tensor:
+    """`w8a8_tile_reference(act(x), ...)` on the GPU: tile-quantize x, int8 tile GEMM -> [..., N] in x's dtype."""
+    q_act, act_scale = quantize_tiles_int8(x, act)
+    out = int8_tile_matmul(q_act, act_scale, q_weight, weight_scale, bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], q_weight.shape[0])
+
+
+__all__ = [
+    "fp8_linear",
+    "fp8_matmul",
+    "int8_tile_linear",
+    "int8_tile_matmul",
+    "quantize_rows_fp8",
+    "quantize_tiles_int8",
+]
