@@ -20,7 +20,7 @@ from server.auth import KeyRing
 from server.catalog import Catalog
 from server.middleware import RequestIdMiddleware
 from server.reads import VideoReads
-from server.routes import health, models, videos
+from server.routes import health, models, ui, videos
 from server.schemas import VideoCreateParams
 from server.settings import Settings
 from server.store import Store
@@ -63,6 +63,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(videos.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -102,12 +102,28 @@ class Video(BaseModel):
     num_frames: Optional[int] = None
     steps: Optional[int] = None
     attention_type: Optional[str] = None
+    sla_topk: Optional[float] = Field(None, description="SLA kept-block fraction used")
+    ode: Optional[bool] = Field(None, description="true: ODE sampling; false: SDE")
+    boundary: Optional[float] = Field(None, description="I2V high/low expert switch time (image-to-video only)")
     quant: Optional[str] = None
     priority: Optional[str] = None
     attempts: int = Field(0, description="times a worker started it (more than 1 after a worker died)")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
     metadata: dict[str, str] = Field(default_factory=dict)
+    rating: Optional[int] = Field(None, ge=1, le=5, description="your rating, 1-5 (POST /v1/videos/{id}/feedback)")
+    note: Optional[str] = Field(None, description="your note on this video (POST /v1/videos/{id}/feedback)")
     webhook_deliveries: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class VideoFeedback(BaseModel):
+    """Body of POST /v1/videos/{id}/feedback (extension): a rating and/or a note kept on the video,
+    so a "seed log" of good prompt / seed pairs lives on the server. A field left out is unchanged;
+    null clears it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: Optional[int] = Field(None, ge=1, le=5, description="1 (bad) to 5 (keep this seed); null clears it")
+    note: Optional[str] = Field(None, max_length=4000, description="free text; null clears it")
 
 
 class VideoList(BaseModel):

@@ -107,6 +107,14 @@ return status
 """
 
 
+# Feedback (rating, note): written only while the record exists, so it never recreates a deleted video.
+_FEEDBACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 class StoreError(Exception):
     """A request the store refuses; `code` becomes the API error code."""
 
@@ -151,6 +159,7 @@ class Store:
         self._finish = connection.register_script(_FINISH)
         self._renew = connection.register_script(_RENEW)
         self._cancel = connection.register_script(_CANCEL)
+        self._feedback = connection.register_script(_FEEDBACK)
 
     # ------------------------------------------------------------------------------------------
     # reads
@@ -280,6 +289,19 @@ class Store:
         else:
             log.info("video %s: cancel requested, its worker stops at the next step", video_id)
         return rec
+
+    def set_feedback(self, video_id: str, **fields: Any) -> Optional[dict[str, Any]]:
+        """Write the user's `rating` and/or `note` on a video (None clears one). Any status; the
+        worker never writes these fields. Returns the record, or None if the video is gone."""
+        unknown = set(fields) - {"rating", "note"}
+        if unknown:
+            raise ValueError(f"not feedback fields: {sorted(unknown)}")
+        args: list[Any] = []
+        for k, v in fields.items():
+            args += [k, _dumps(v)]
+        if args and not self._feedback(keys=[REC.format(id=video_id)], args=args):
+            return None
+        return self.get(video_id)
 
     def delete(self, video_id: str) -> None:
         """Remove a video, its files and its ticket; a running job is told to stop (it will find

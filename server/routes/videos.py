@@ -12,6 +12,8 @@ Documented behaviour beyond OpenAI's API:
   `idempotency_key_reused` (not a 409, which the SDK would retry). Keys live TD_IDEMPOTENCY_TTL s.
 - Cancelled videos read `status: "failed"`, `error.code: "cancelled"`, `cancelled: true`.
 - A full queue (TD_MAX_QUEUE per model) answers 429 with Retry-After.
+- POST /{id}/feedback {rating: 1-5, note} keeps the caller's rating and note on the video (shown
+  as `rating` and `note` on the Video object); a field left out is unchanged, null clears it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from server.errors import APIError, validation_error
 from server.events import video_events
 from server.images import ReferenceImage, resolve_reference
 from server.reads import CursorError
-from server.schemas import GENERATION_FIELDS, ImageReference, Video, VideoCreateParams, VideoDeleted, VideoList
+from server.schemas import (GENERATION_FIELDS, ImageReference, Video, VideoCreateParams, VideoDeleted,
+                            VideoFeedback, VideoList)
 from server.settings import Settings
 from server.store import Idempotency, Store, StoreError, new_video_id
 from server.views import public_video
@@ -243,6 +246,19 @@ def cancel_video(request: Request, video_id: str, owner: str = Depends(current_o
     except StoreError as exc:
         status = 404 if exc.code == "not_found" else 409
         raise APIError(status, exc.message, code=exc.code, param="video_id") from None
+    return _respond(request, rec, _view(request, rec))
+
+
+@router.post("/{video_id}/feedback", response_model=Video,
+             summary="Rate a video 1-5 and keep a note on it (extension; left-out fields unchanged, null clears)")
+def video_feedback(request: Request, video_id: str, feedback: VideoFeedback, owner: str = Depends(current_owner)):
+    _owned(request, video_id, owner)
+    fields = {name: getattr(feedback, name) for name in feedback.model_fields_set}
+    if not fields:
+        raise APIError(400, "send rating (1-5) and/or note", code="missing_required_parameter", param="rating")
+    rec = _store(request).set_feedback(video_id, **fields)
+    if rec is None:
+        raise _not_found(video_id)
     return _respond(request, rec, _view(request, rec))
 
 
