@@ -103,6 +103,8 @@ def test_i2v_experts_switch_at_the_boundary(models_dir, steps, expect):
     out = pipe.generate(req, image=img)
     assert out.info["experts"] == expect
     assert out.frames.shape == (5, 128, 224, 3)
+    assert [k for k in out.timings if k.startswith("step_")] == [f"step_{i + 1}" for i in range(steps)]
+    assert {"text_encode", "image_encode", "denoise", "vae_decode"} <= set(out.timings)
 
 
 _I2V = {}

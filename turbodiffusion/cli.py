@@ -59,6 +59,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("output.mp4"), help="MP4 to write (default output.mp4)")
     p.add_argument("--extras", action="store_true", help="also write the thumbnail (.webp) and spritesheet (.jpg) beside it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--gpus", help="one video on several GPUs (sequence parallel), e.g. 0,1,2,3; also works under "
+                                  "torchrun --nproc-per-node N -m turbodiffusion generate ...")
     _models_dir_arg(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -94,8 +96,16 @@ def _cmd_generate(args) -> int:
 
     started = time.perf_counter()
     try:
-        pipe = load_pipeline(resolved.model, models_dir=args.models_dir, device=args.device,
-                             attention=args.attention or "auto", quant=args.quant)
+        from turbodiffusion_core.parallel.launch import launched_by_torchrun, parallel_pipeline
+
+        if args.gpus or launched_by_torchrun():
+            pipe = parallel_pipeline(resolved.model, gpus=args.gpus, device=args.device, models_dir=args.models_dir,
+                                     attention=args.attention or "auto", quant=args.quant)
+            if pipe is None:  # a torchrun rank other than 0: it ran its share of every DiT step for rank 0
+                return 0
+        else:
+            pipe = load_pipeline(resolved.model, models_dir=args.models_dir, device=args.device,
+                                 attention=args.attention or "auto", quant=args.quant)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,34 +1,71 @@
 """Build once, generate many: the engine's single entry point.
 
     pipe = load_pipeline("turbowan2.1-t2v-1.3b-480p", models_dir=Path("models"))
+    pipe.warmup()                                   # optional: compile / autotune before the first request
     result = pipe.generate(spec.resolve(spec.GenerationRequest(prompt="...")), on_progress=print)
+    result = pipe.generate(request, output_dir="out/")   # + MP4, thumbnail, spritesheet written; result.files
 
 A pipeline owns the resident modules of one preset (text encoder, DiT or the two I2V experts, VAE)
 on one device. `generate` reports progress per stage through `on_progress(spec.ProgressEvent)`,
 checks `should_cancel()` between denoising steps (raising errors.Cancelled) and returns the frames
 with the seed actually used and the time each stage took. It knows nothing of HTTP, Redis or RQ.
+
+End-to-end latency features (issue 6):
+- Stage profile in `result.timings`: text_encode, image_encode (I2V), denoise and each step (step_1 ...),
+  vae_decode, and with `output_dir` encode_video and store (see `generate`).
+- With `output_dir`, the VAE decodes latent frame by latent frame (`vae.decode_iter`), each chunk is
+  converted to uint8 on the device and copied to pinned host memory asynchronously, and a writer thread
+  encodes it to H.264 while later chunks decode: the MP4 is essentially done when decoding ends.
+- Text encoder placement by configuration: "gpu" (bf16 resident on the pipeline's device) or "cpu"
+  (encoder in host memory, embeddings moved over; frees ~11 GB of GPU memory for umT5-XXL), "auto"
+  picks from free GPU memory. The encoder's prompt cache makes repeated prompts free either way.
+- `warmup()` runs a short generation at the preset's default size so kernels compile and autotune
+  before the first request; optional `torch.compile` of the DiT forward (`compile_dit`).
+- I2V expert residency (issue 5): "resident" (both experts on the GPU) or "swap" (idle expert in
+  pinned host memory, switch streamed block by block under the outgoing expert's last step), chosen from
+  free GPU memory or by configuration; see turbodiffusion_core/residency.py.
+
+In-memory construction (benchmarks with random weights at the real shapes): build the modules yourself
+and call `VideoPipeline(preset, text_encoder=..., vae=..., experts=..., device=..., dtype=...)` (alias
+`VideoPipeline.from_modules`); everything above works the same.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
+import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import spec
 from .errors import EngineError, ModelFilesMissing
+from .residency import MODES as EXPERT_RESIDENCY_MODES
+from .residency import ExpertResidency, choose_mode, module_bytes, same_device
 
 log = logging.getLogger("turbodiffusion.pipeline")
 
 ProgressFn = Callable[[spec.ProgressEvent], None]
 CancelFn = Callable[[], bool]
+
+TEXT_ENCODER_PLACEMENTS = ("auto", "gpu", "cpu")
+WARMUP_PROMPT = "warm-up: a calm lake at sunrise, gentle ripples, birds flying over the water"
+_GIB = 2**30
+# Working memory (activations, VAE decode) to keep free when deciding what else fits on the GPU, by the
+# preset's largest resolution and model size (small = 1.3B). Estimates from the H100 runs: the 1.3B DiT
+# forward at 480p needs ~1.6 GB of activations, 14B at 720p ~12 GB (dim 5120 vs 1536, 2.3x the tokens),
+# the VAE decode a few GB at 720p (it runs after the DiT, not beside it).
+RESERVE_GB = {("720p", False): 16.0, ("480p", False): 8.0, ("720p", True): 8.0, ("480p", True): 4.0,
+              ("tiny", True): 0.25, ("tiny", False): 0.25}
+PER_STEP_TIMINGS_MAX = 8  # steps with their own timing key; longer schedules report step_1 and step_mean
 
 
 @dataclass
@@ -40,6 +77,7 @@ class GenerationResult:
     height: int
     num_frames: int
     info: dict = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # variant -> path, when generate() wrote outputs
 
 
 def default_models_dir() -> Path:
@@ -74,6 +112,39 @@ def missing_files(preset: spec.Preset, models_dir: Path, quant: Optional[str] = 
     return out
 
 
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of a CUDA device as the driver sees it, plus what PyTorch's cache holds unused;
+    None for a CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def reserve_bytes_for(preset: spec.Preset, reserve_gb: Optional[float] = None) -> int:
+    if reserve_gb is None:
+        small = preset.tiny or "1.3b" in preset.arch
+        reserve_gb = max(RESERVE_GB.get((r, small), 8.0) for r in preset.resolutions)
+    return int(reserve_gb * _GIB)
+
+
+def choose_text_encoder(requested: str, device: torch.device, *, encoder_bytes: int,
+                        free_bytes: Optional[int], reserve_bytes: int) -> tuple[str, str]:
+    """("gpu" | "cpu", why). "gpu" means the pipeline's device; on a CPU pipeline the answer is "cpu".
+    "auto" keeps the encoder on the GPU when it fits beside `reserve_bytes` of working memory."""
+    if requested not in TEXT_ENCODER_PLACEMENTS:
+        raise ValueError(f"text encoder placement must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}; "
+                         f"got {requested!r}")
+    if device.type != "cuda":
+        return "cpu", "CPU pipeline"
+    if requested != "auto":
+        return requested, "configured"
+    if free_bytes is None or free_bytes >= encoder_bytes + reserve_bytes:
+        return "gpu", "fits"
+    return "cpu", (f"free {free_bytes / _GIB:.1f} GiB < {(encoder_bytes + reserve_bytes) / _GIB:.1f} GiB "
+                   "for the encoder and working memory")
+
+
 class _Timer:
     """Wall-clock stage timings, synchronising CUDA so a stage's time is its own."""
 
@@ -81,25 +152,117 @@ class _Timer:
         self.device = device
         self.timings: dict[str, float] = {}
 
-    @contextmanager
-    def stage(self, name: str):
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str):
+        self.sync()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self.sync()
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+class _StepClock:
+    """Per-step times without a host sync per step: CUDA events on a GPU, perf_counter on a CPU.
+    `mark()` after each step; `seconds()` once the work is done (the stage timer has synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        pairs = zip(self.marks[:-1], self.marks[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000.0 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
+class _Mp4Thread:
+    """Encodes uint8 frame chunks to an MP4 on a background thread while the caller decodes more.
+    `finish()` flushes and closes the file (faststart) and returns its path; `abort()` removes it."""
+
+    def __init__(self, path: Path, width: int, height: int):
+        from .video import Mp4Writer
+
+        self.path = Path(path)
+        self._writer = Mp4Writer(self.path, width, height)
+        self._queue: queue.Queue = queue.Queue()
+        self.error: Optional[BaseException] = None
+        self.busy = 0.0  # seconds the thread spent encoding
+        self._thread = threading.Thread(target=self._run, name="mp4-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, str):  # "finish" or "abort"
+                break
+            if self.error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                self._writer.write(item)
+            except BaseException as exc:  # reported by finish()
+                self.error = exc
+            self.busy += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            self._writer.close()
+        except BaseException as exc:
+            self.error = self.error or exc
+        self.busy += time.perf_counter() - start
+
+    def put(self, frames: np.ndarray) -> None:
+        self._queue.put(frames)
+
+    def finish(self) -> Path:
+        self._queue.put("finish")
+        self._thread.join()
+        if self.error is not None:
+            self.path.unlink(missing_ok=True)
+            raise self.error
+        return self.path
+
+    def abort(self) -> None:
+        self._queue.put("abort")
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
+    """[B,3,t,H,W] in [-1,1] -> uint8 [t,H,W,3] of the first sample, on the chunk's device (the same
+    arithmetic as video.frames_to_uint8)."""
+    x = chunk[0].permute(1, 2, 3, 0).float()
+    return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
 class VideoPipeline:
-    """Resident modules of one preset on one device, and the generation loop around them."""
+    """Resident modules of one preset on one device, and the generation loop around them.
+
+    The constructor is the in-memory path: give it built modules. Options:
+        expert_residency: "auto" | "resident" | "swap" for two-expert (I2V) presets; "auto" decides
+            from free device memory (residency.choose_mode), keeping `reserve_gb` free for activations.
+        compile_dit: False, True (inductor) or a torch.compile backend name; applied to each expert's
+            forward when the experts stay resident (swap moves weights under the forward, so not there).
+    """
 
     def __init__(
         self,
-        preset: spec.Preset,
+        preset: Union[spec.Preset, str],
         *,
         text_encoder,
         vae,
@@ -108,16 +271,34 @@ class VideoPipeline:
         dtype: torch.dtype,
         attention: str = "auto",
         quant: Optional[str] = None,
+        expert_residency: str = "auto",
+        residency_reason: Optional[str] = None,
+        reserve_gb: Optional[float] = None,
+        compile_dit: Union[bool, str] = False,
+        text_encoder_reason: str = "as given",
     ):
-        self.preset = preset
+        self.preset = spec.get_preset(preset) if isinstance(preset, str) else preset
         self.text_encoder = text_encoder
         self.vae = vae
         self.experts = experts  # {"dit": model} for T2V, {"high": model, "low": model} for I2V
-        self.device = device
+        self.device = torch.device(device)
         self.dtype = dtype
         self.attention = attention
         self.quant = quant
         self.load_seconds = 0.0
+        self.warmup_seconds: Optional[float] = None
+        self.text_encoder_reason = text_encoder_reason
+        self.reserve_bytes = reserve_bytes_for(self.preset, reserve_gb)
+        self.set_expert_residency(expert_residency, reason=residency_reason)
+        self.compile_dit = compile_dit
+        self._forward = dict(experts)
+        if compile_dit:
+            self._compile(compile_dit)
+
+    @classmethod
+    def from_modules(cls, preset: Union[spec.Preset, str], **kwargs) -> "VideoPipeline":
+        """Same as the constructor (named for readability where modules are built in memory)."""
+        return cls(preset, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -130,11 +311,19 @@ class VideoPipeline:
         attention: str = "auto",
         quant: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        expert_residency: str = "auto",
+        text_encoder: str = "auto",
+        compile_dit: Union[bool, str] = False,
+        reserve_gb: Optional[float] = None,
     ) -> "VideoPipeline":
         from .checkpoints import load_dit
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
 
+        if expert_residency not in EXPERT_RESIDENCY_MODES:
+            raise ValueError(f"expert_residency must be one of {', '.join(EXPERT_RESIDENCY_MODES)}")
+        if text_encoder not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(f"text_encoder must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}")
         preset = spec.get_preset(model_id)
         models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
         dev = pick_device(device)
@@ -158,12 +347,9 @@ class VideoPipeline:
             )
         paths = preset_paths(preset, models_dir)
         tiny = preset.tiny
+        reserve = reserve_bytes_for(preset, reserve_gb)
         log.info("loading %s on %s (%s, attention=%s, quant=%s)", preset.id, dev, dtype, attention, quant or "none")
 
-        text_encoder = TextEncoder.from_files(
-            paths["t5"], paths["tokenizer"], config="tiny" if tiny else "umt5-xxl", device=dev,
-            dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16,
-        )
         vae = load_vae(paths["vae"], config="tiny" if tiny else "wan2.1", device=dev, dtype=dtype)
 
         def dit_file(role: str) -> Path:
@@ -172,18 +358,81 @@ class VideoPipeline:
                 return paths[qrole]
             return paths[role]
 
-        if preset.task == "i2v":
-            experts = {
-                name: load_dit(preset.arch, dit_file(f"dit_{name}"), device=dev, dtype=dtype, quant=quant)
-                for name in ("high", "low")
-            }
-        else:
-            experts = {"dit": load_dit(preset.arch, dit_file("dit"), device=dev, dtype=dtype, quant=quant)}
-        pipe = cls(preset, text_encoder=text_encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
-                   attention=attention, quant=quant)
+        def dit(role: str, where: torch.device):
+            return load_dit(preset.arch, dit_file(role), device=where, dtype=dtype, quant=quant)
+
+        # Order of priority for GPU memory: the first expert, the text encoder, the other expert (a
+        # streamed expert switch hides under compute; a text encoder on the CPU costs seconds a prompt).
+        names = ("high", "low") if preset.task == "i2v" else ("dit",)
+        experts = {names[0]: dit(f"dit_{names[0]}" if len(names) > 1 else "dit", dev)}
+
+        t5_bytes = paths["t5"].stat().st_size if paths["t5"].exists() else 0
+        placement, te_reason = choose_text_encoder(
+            text_encoder, dev, encoder_bytes=t5_bytes, free_bytes=free_device_bytes(dev), reserve_bytes=reserve)
+        te_device = dev if placement == "gpu" else torch.device("cpu")
+        te_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        encoder = TextEncoder.from_files(
+            paths["t5"], paths["tokenizer"], config="tiny" if tiny else "umt5-xxl", device=te_device, dtype=te_dtype,
+        )
+        log.info("text encoder on %s (%s)", te_device, te_reason)
+
+        mode, reason = expert_residency, "configured"
+        if len(names) > 1:
+            mode, reason = choose_mode(expert_residency, experts=len(names),
+                                       expert_bytes=module_bytes(experts[names[0]]),
+                                       free_bytes=free_device_bytes(dev), reserve_bytes=reserve)
+            for name in names[1:]:
+                experts[name] = dit(f"dit_{name}", dev if mode == "resident" else torch.device("cpu"))
+        pipe = cls(preset, text_encoder=encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
+                   attention=attention, quant=quant, expert_residency=mode, residency_reason=reason,
+                   reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason)
         pipe.load_seconds = time.perf_counter() - start
         log.info("%s ready in %.1f s", preset.id, pipe.load_seconds)
         return pipe
+
+    # ----------------------------------------------------------------------------------------
+    def set_expert_residency(self, mode: str, reason: Optional[str] = None) -> str:
+        """(Re)place the experts: "resident", "swap" or "auto" (from free device memory). Returns the mode."""
+        old = getattr(self, "residency", None)
+        if old is not None:
+            old.settle()
+            old.ensure(old.home)
+        if mode == "auto":
+            home = next(iter(self.experts.values()))
+            others_on_device = 0
+            if old is None or not old.swapping:
+                others_on_device = sum(module_bytes(m) for m in list(self.experts.values())[1:]
+                                       if _device_of(m) is not None and same_device(_device_of(m), self.device))
+            free = free_device_bytes(self.device)
+            mode, reason = choose_mode("auto", experts=len(self.experts), expert_bytes=module_bytes(home),
+                                       free_bytes=None if free is None else free + others_on_device,
+                                       reserve_bytes=self.reserve_bytes)
+        if old is not None and old.swapping:
+            if mode == "swap":  # already swapping: keep the pinned copies
+                old.reason = reason or old.reason
+                return mode
+            old.load_all()
+        self.residency = ExpertResidency(self.experts, self.device, mode, reason or "configured")
+        if len(self.experts) > 1:
+            log.info("%s experts: %s (%s)", self.preset.id, self.residency.mode, self.residency.reason)
+        return self.residency.mode
+
+    def _compile(self, how: Union[bool, str]) -> None:
+        if self.residency.swapping:
+            log.warning("torch.compile skipped: the experts swap (weights move under the forward)")
+            self.compile_dit = False
+            return
+        backend = how if isinstance(how, str) else "inductor"
+        self._forward = {name: torch.compile(model, backend=backend, dynamic=False)
+                         for name, model in self.experts.items()}
+        log.info("DiT forward compiled with torch.compile (backend %s); the first request (or warmup) compiles",
+                 backend)
+
+    @property
+    def text_encoder_placement(self) -> str:
+        if self.text_encoder is None:
+            return "none"
+        return "gpu" if self.text_encoder.device.type == "cuda" else "cpu"
 
     def info(self) -> dict:
         out = {
@@ -193,16 +442,33 @@ class VideoPipeline:
             "attention": self.attention,
             "quant": self.quant or "none",
             "load_seconds": round(self.load_seconds, 3),
+            "text_encoder": self.text_encoder_placement,
+            "text_encoder_reason": self.text_encoder_reason,
+            "compile": str(self.compile_dit) if self.compile_dit else "off",
+            "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
         }
+        if len(self.experts) > 1:
+            out["expert_residency"] = self.residency.mode
+            out["expert_residency_detail"] = {**self.residency.describe(), **self.residency.stats()}
+        cache = getattr(self.text_encoder, "cache_info", None)
+        if cache is not None:
+            out["prompt_cache"] = dict(cache()._asdict())
         if self.device.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.device)
-            out["memory_allocated_gb"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
+            out["memory_allocated_gb"] = round(torch.cuda.memory_allocated(self.device) / _GIB, 3)
+            out["memory_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / _GIB, 3)
         return out
 
     # ----------------------------------------------------------------------------------------
     def _encode_prompt(self, text: str) -> torch.Tensor:
-        emb = self.text_encoder.encode([text])[0]
-        return emb.to(self.device, self.dtype).unsqueeze(0)
+        """[1, text_len, d] on the device: zero-padded to the DiT's text length here rather than inside
+        the DiT (the same numbers), so every prompt gives the DiT the same shapes (no torch.compile
+        recompilation per prompt length)."""
+        emb = self.text_encoder.encode([text])[0].to(self.device, self.dtype)
+        text_len = getattr(getattr(next(iter(self.experts.values())), "cfg", None), "text_len", emb.shape[0])
+        if emb.shape[0] < text_len:
+            emb = torch.nn.functional.pad(emb, (0, 0, 0, text_len - emb.shape[0]))
+        return emb.unsqueeze(0)
 
     def _condition_on_image(self, image, width: int, height: int, num_frames: int) -> torch.Tensor:
         """Wan I2V conditioning y = [mask (4 ch, 1 on latent frame 0), VAE latent of image + zero frames]."""
@@ -229,21 +495,41 @@ class VideoPipeline:
             return "dit"
         return "high" if t_cur >= boundary else "low"
 
+    def expert_plan(self, req: spec.ResolvedRequest) -> list[str]:
+        """The expert of every step of an rCM request, known before sampling starts."""
+        from .sampling.rcm import rcm_timesteps
+
+        return [self.expert_for(t, req.boundary) for t in rcm_timesteps(req.steps, req.sigma_max)[:-1]]
+
     def generate(
         self,
         req: spec.ResolvedRequest,
         image=None,
         on_progress: Optional[ProgressFn] = None,
         should_cancel: Optional[CancelFn] = None,
+        *,
+        output_dir: Optional[Union[str, Path]] = None,
+        stem: str = "video",
+        variants: Sequence[str] = ("video", "thumbnail", "spritesheet"),
     ) -> GenerationResult:
+        """Run one request. Without `output_dir` it returns the frames (the caller writes files). With
+        it, the MP4 is encoded on a thread while the VAE decodes, then the thumbnail and spritesheet are
+        written (video.output_paths names: <stem>.mp4, <stem>_thumbnail.webp, <stem>_spritesheet.jpg);
+        `result.files` maps each variant to its path, and the timings gain encode_video (MP4 time left
+        after decoding ended) and store (the preview images), with encode_video_busy the writer's total."""
         if req.model != self.preset.id:
             raise EngineError(f"this pipeline serves {self.preset.id}, not {req.model}")
         if self.preset.task == "i2v" and image is None:
             raise EngineError(f"{self.preset.id} is an image-to-video model: give an input image")
+        unknown = set(variants) - {"video", "thumbnail", "spritesheet"}
+        if unknown:
+            raise ValueError(f"unknown output variants {sorted(unknown)}")
         report = on_progress or (lambda ev: None)
         seed = req.seed or (secrets.randbits(63) or 1)
         timer = _Timer(self.device)
         expert_trace: list[str] = []
+        files: dict[str, Path] = {}
+        stats_before = self.residency.stats()
 
         with torch.inference_mode():
             report(spec.ProgressEvent("text_encode", 0.0))
@@ -261,32 +547,133 @@ class VideoPipeline:
 
             shape = (1, 16, spec.latent_frames(req.num_frames), req.height // 8, req.width // 8)
             generator = torch.Generator(device=self.device).manual_seed(seed)
+            clock = None
 
             def step_done(i: int, n: int, t: float) -> None:
+                clock.mark()
                 report(spec.ProgressEvent("denoise", i / n, step=i, total_steps=n, info={"t": t}))
 
             report(spec.ProgressEvent("denoise", 0.0, step=0, total_steps=req.steps))
             with timer.stage("denoise"):
+                clock = _StepClock(self.device)
                 if self.preset.sampler == "rcm":
                     latent = self._sample_rcm(req, shape, generator, context, y, step_done, should_cancel,
                                               expert_trace)
                 else:
                     latent = self._sample_unipc(req, shape, generator, context, negative, step_done,
                                                 should_cancel)
+            steps = clock.seconds()
+            if len(steps) <= PER_STEP_TIMINGS_MAX:
+                timer.timings.update({f"step_{i + 1}": s for i, s in enumerate(steps)})
+            elif steps:
+                timer.timings.update(step_1=steps[0], step_mean=sum(steps[1:]) / max(1, len(steps) - 1))
 
             report(spec.ProgressEvent("vae_decode", 0.0))
-            with timer.stage("vae_decode"):
-                video = self.vae.decode(
-                    latent.to(self.vae_dtype),
-                    on_frame=lambda done, total: report(spec.ProgressEvent("vae_decode", done / total)),
-                )
-                from .video import frames_to_uint8
+            mp4 = None
+            paths = None
+            if output_dir is not None:
+                from .video import output_paths
 
-                frames = frames_to_uint8(video)
+                paths = output_paths(output_dir, stem)
+                paths["video"].parent.mkdir(parents=True, exist_ok=True)
+                if "video" in variants:
+                    mp4 = _Mp4Thread(paths["video"], req.width, req.height)
+            try:
+                with timer.stage("vae_decode"):
+                    frames = self._decode(latent, report, mp4)
+            except BaseException:
+                if mp4 is not None:
+                    mp4.abort()
+                raise
 
+        if paths is not None:
+            files = self._finish_outputs(frames, paths, variants, mp4, timer, report)
         info = {"experts": expert_trace} if expert_trace else {}
+        if self.residency.swapping:
+            after = self.residency.stats()
+            info["expert_residency"] = {k: round(after[k] - stats_before[k], 3) for k in after}
         return GenerationResult(frames=frames, seed=seed, timings=timer.timings, width=req.width,
-                                height=req.height, num_frames=req.num_frames, info=info)
+                                height=req.height, num_frames=req.num_frames, info=info, files=files)
+
+    def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread]) -> np.ndarray:
+        """Decode latent frame by latent frame into uint8 frames, handing each chunk to the MP4 thread.
+        On a GPU each chunk's uint8 copy to pinned host memory runs while the next chunk decodes."""
+        cfg = self.vae.config
+        _, _, t_lat, h, w = latent.shape
+        frames = np.empty((1 + cfg.temporal_factor * (t_lat - 1), h * cfg.spatial_factor,
+                           w * cfg.spatial_factor, 3), dtype=np.uint8)
+        cuda = latent.device.type == "cuda"
+        filled = 0
+        pending = None  # (host uint8 tensor, event) of the chunk before the current one
+
+        def land(host: torch.Tensor, event) -> None:
+            nonlocal filled
+            if event is not None:
+                event.synchronize()
+            n = host.shape[0]
+            frames[filled:filled + n] = host.numpy()
+            if mp4 is not None:
+                mp4.put(frames[filled:filled + n])
+            filled += n
+
+        for i, chunk in enumerate(self.vae.decode_iter(latent.to(self.vae_dtype))):
+            u8 = _uint8_frames(chunk)
+            if cuda:
+                host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(u8, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = u8, None
+            if pending is not None:
+                land(*pending)
+            pending = (host, event)
+            report(spec.ProgressEvent("vae_decode", (i + 1) / t_lat))
+        if pending is not None:
+            land(*pending)
+        if filled != len(frames):
+            raise EngineError(f"VAE decode gave {filled} frames, expected {len(frames)}")
+        return frames
+
+    def _finish_outputs(self, frames: np.ndarray, paths: dict[str, Path], variants: Sequence[str],
+                        mp4: Optional[_Mp4Thread], timer: _Timer, report: ProgressFn) -> dict[str, Path]:
+        """After decoding: preview images on a thread while the MP4 finishes; time what is left of each."""
+        from .video import write_spritesheet, write_thumbnail
+
+        errors: list[BaseException] = []
+
+        def previews() -> None:
+            try:
+                if "thumbnail" in variants:
+                    write_thumbnail(frames, paths["thumbnail"])
+                if "spritesheet" in variants:
+                    write_spritesheet(frames, paths["spritesheet"])
+            except BaseException as exc:
+                errors.append(exc)
+
+        report(spec.ProgressEvent("encode_video", 0.0))
+        started = time.perf_counter()
+        side = threading.Thread(target=previews, name="previews", daemon=True)
+        side.start()
+        written: dict[str, Path] = {}
+        try:
+            if mp4 is not None:
+                written["video"] = mp4.finish()
+                timer.timings["encode_video_busy"] = mp4.busy
+            timer.timings["encode_video"] = time.perf_counter() - started
+            report(spec.ProgressEvent("store", 0.0))
+            mark = time.perf_counter()
+            side.join()
+            timer.timings["store"] = time.perf_counter() - mark
+            if errors:
+                raise errors[0]
+        except BaseException:
+            side.join()
+            for variant in ("video", "thumbnail", "spritesheet"):
+                paths[variant].unlink(missing_ok=True)
+            raise
+        written.update({v: paths[v] for v in ("thumbnail", "spritesheet") if v in variants})
+        return written
 
     def _dit_kwargs(self, req: spec.ResolvedRequest) -> dict:
         return {"attention": req.attention_type if req.attention_type != "auto" else self.attention,
@@ -296,22 +683,36 @@ class VideoPipeline:
         from .sampling.rcm import rcm_sample
 
         kwargs = self._dit_kwargs(req)
+        plan = self.expert_plan(req)
+        residency = self.residency
+
+        def select(i: int, t_cur: float) -> None:
+            # The expert of this step must be on the device; if a different one runs next (or, after the
+            # last step, the home expert the next request starts with), stream it in under this step.
+            residency.ensure(plan[i])
+            after = plan[i + 1] if i + 1 < len(plan) else residency.home
+            if after != plan[i]:
+                residency.arm_switch(plan[i], after)
 
         def denoise(x, t_input, step_index, t_cur):
-            name = self.expert_for(t_cur, req.boundary)
+            name = plan[step_index]
             expert_trace.append(name)
-            return self.experts[name](x.to(self.dtype), t_input.to(self.dtype), context, y=y, **kwargs)
+            return self._forward[name](x.to(self.dtype), t_input.to(self.dtype), context, y=y, **kwargs)
 
-        return rcm_sample(
-            denoise, shape, steps=req.steps, sigma_max=req.sigma_max, generator=generator, device=self.device,
-            ode=req.ode, model_dtype=self.dtype, on_step=step_done, should_cancel=should_cancel,
-        )
+        try:
+            return rcm_sample(
+                denoise, shape, steps=req.steps, sigma_max=req.sigma_max, generator=generator, device=self.device,
+                ode=req.ode, model_dtype=self.dtype, on_step=step_done, should_cancel=should_cancel,
+                select_fn=select,
+            )
+        finally:
+            residency.settle()
 
     def _sample_unipc(self, req, shape, generator, context, negative, step_done, should_cancel):
         from .sampling.unipc import unipc_sample
 
         kwargs = self._dit_kwargs(req)
-        model = self.experts["dit"]
+        model = self._forward["dit"]
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
 
         def velocity_of(ctx):
@@ -325,6 +726,42 @@ class VideoPipeline:
             uncond_fn=velocity_of(negative) if negative is not None else None, on_step=step_done,
             should_cancel=should_cancel,
         )
+
+    # ----------------------------------------------------------------------------------------
+    def warmup_request(self, steps: Optional[int] = None) -> tuple[spec.ResolvedRequest, object]:
+        """The request (and I2V image) `warmup` runs: the preset's default size and frame count, so the
+        kernels autotune for the shapes real requests use; I2V runs every default step so both experts
+        and the expert switch run, T2V one step (every step runs the same kernels)."""
+        p = self.preset
+        if steps is None:
+            steps = p.default_steps if p.task == "i2v" else (2 if p.sampler == "unipc" else 1)
+        width, height = p.size_for(p.default_resolution, "16:9")
+        req = spec.resolve(spec.GenerationRequest(prompt=WARMUP_PROMPT, model=p.id, seed=1, steps=steps,
+                                                  num_frames=p.default_frames, ode=True))
+        image = None
+        if p.task == "i2v":
+            from PIL import Image
+
+            image = Image.new("RGB", (width, height), (120, 128, 136))
+        return req, image
+
+    def warmup(self, steps: Optional[int] = None) -> dict[str, float]:
+        """One short generation (written to a temporary folder, then deleted) so CUDA kernels, Triton
+        autotuning, cuDNN plans, torch.compile and the MP4 encoder are ready before the first request."""
+        req, image = self.warmup_request(steps)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
+            result = self.generate(req, image=image, output_dir=folder)
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("%s warmed up in %.1f s (%s)", self.preset.id, self.warmup_seconds,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+        return result.timings
+
+
+def _device_of(model: torch.nn.Module) -> Optional[torch.device]:
+    for tensor in model.parameters():
+        return tensor.device
+    return None
 
 
 # Default unconditional prompt for classifier-free guidance on the original 50-step models, used when a
@@ -345,7 +782,13 @@ def load_pipeline(
     attention: str = "auto",
     quant: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
+    *,
+    expert_residency: str = "auto",
+    text_encoder: str = "auto",
+    compile_dit: Union[bool, str] = False,
+    reserve_gb: Optional[float] = None,
 ) -> VideoPipeline:
     """Build the resident pipeline of one preset (see module docstring)."""
     return VideoPipeline.from_preset(model_id, models_dir=models_dir, device=device, attention=attention,
-                                     quant=quant, dtype=dtype)
+                                     quant=quant, dtype=dtype, expert_residency=expert_residency,
+                                     text_encoder=text_encoder, compile_dit=compile_dit, reserve_gb=reserve_gb)

@@ -218,7 +218,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--redis-url", default=None, help="overrides TD_REDIS_URL")
     parser.add_argument("--models-dir", default=None, help="overrides TD_MODELS_DIR")
     parser.add_argument("--storage-dir", default=None, help="overrides TD_STORAGE_DIR")
-    parser.set_defaults(func=_run_from_args)
+    parser.add_argument("--gpus", default=None,
+                        help="serve each video on this group of GPUs with sequence parallelism, e.g. 0,1,2,3 "
+                             "(one worker process owns the group; see worker/group.py)")
+    parser.set_defaults(func=_run_from_args, ranks=None)
     return parser
 
 
@@ -229,6 +232,10 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "gpus", None):
+        from worker.group import run as run_group
+
+        return run_group(args)
     settings = _settings_from_args(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:

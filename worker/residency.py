@@ -10,10 +10,12 @@ VAE's feature cache.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from turbodiffusion_core.errors import EngineError
 
@@ -22,6 +24,71 @@ log = logging.getLogger("turbodiffusion.worker")
 
 class NotResident(EngineError):
     code = "model_not_loaded"
+
+
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a worker places and prepares its pipelines, from TD_* environment variables:
+
+    - TD_EXPERT_RESIDENCY: auto | resident | swap. I2V experts both on the GPU, or the idle one in
+      pinned host memory with a streamed switch; auto decides from free GPU memory.
+    - TD_TEXT_ENCODER: auto | gpu | cpu. umT5 on the GPU (bf16) or in host memory (frees ~11 GB; a new
+      prompt then takes seconds, a repeated one nothing: prompt cache).
+    - TD_WARMUP: auto | 1 | 0. One short generation at start so the first request is not slow (auto: on
+      a GPU only; a CPU has nothing to compile or autotune).
+    - TD_COMPILE: 0 | 1 | <torch.compile backend>. torch.compile the DiT forward (off by default).
+    - TD_RESERVE_GB: working memory the auto choices keep free (default by model size and resolution:
+      4 / 8 GB for the 1.3B model at 480p / 720p, 8 / 16 GB for the 14B ones).
+    """
+
+    expert_residency: str = "auto"
+    text_encoder: str = "auto"
+    warmup: str = "auto"
+    compile_dit: str = "0"
+    reserve_gb: Optional[float] = None
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "EngineOptions":
+        env = os.environ if environ is None else environ
+        reserve = env.get("TD_RESERVE_GB", "").strip()
+        options = cls(
+            expert_residency=env.get("TD_EXPERT_RESIDENCY", "auto").strip().lower() or "auto",
+            text_encoder=env.get("TD_TEXT_ENCODER", "auto").strip().lower() or "auto",
+            warmup=env.get("TD_WARMUP", "auto").strip().lower() or "auto",
+            compile_dit=env.get("TD_COMPILE", "0").strip() or "0",
+            reserve_gb=float(reserve) if reserve else None,
+        )
+        options.check()
+        return options
+
+    def check(self) -> None:
+        problems = []
+        if self.expert_residency not in ("auto", "resident", "swap"):
+            problems.append(f"TD_EXPERT_RESIDENCY must be auto, resident or swap; got {self.expert_residency!r}")
+        if self.text_encoder not in ("auto", "gpu", "cpu"):
+            problems.append(f"TD_TEXT_ENCODER must be auto, gpu or cpu; got {self.text_encoder!r}")
+        if self.warmup not in ("auto", *_ON, *_OFF):
+            problems.append(f"TD_WARMUP must be auto, 1 or 0; got {self.warmup!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def compile_arg(self) -> Any:
+        """pipeline's compile_dit: False, True (inductor) or a backend name."""
+        value = self.compile_dit.lower()
+        if value in _OFF:
+            return False
+        if value in _ON:
+            return True
+        return self.compile_dit
+
+    def should_warm_up(self, device_type: str) -> bool:
+        if self.warmup == "auto":
+            return device_type == "cuda"
+        return self.warmup in _ON
 
 
 class Residency:
@@ -38,16 +105,26 @@ class Residency:
         device: str = "auto",
         attention: str = "auto",
         quant: Optional[str] = None,
+        options: Optional[EngineOptions] = None,
     ) -> "Residency":
+        """Load each model (options: EngineOptions, default from the environment), then warm it up
+        when the options say so. A pipeline's info() (what describe() publishes to the fleet registry
+        and GET /v1/models) reports its expert residency mode, text encoder placement and warm-up."""
         from turbodiffusion_core.pipeline import load_pipeline  # torch: only in the worker, only here
 
+        options = options or EngineOptions.from_env()
         pipelines = {}
         for model in models:
             start = time.perf_counter()
-            log.info("loading %s (device %s, attention %s, quant %s)", model, device, attention, quant or "none")
-            pipelines[model] = load_pipeline(model, models_dir=models_dir, device=device, attention=attention,
-                                             quant=quant)
-            log.info("%s resident after %.1f s: %s", model, time.perf_counter() - start, pipelines[model].info())
+            log.info("loading %s (device %s, attention %s, quant %s, %s)", model, device, attention, quant or "none",
+                     options)
+            pipe = load_pipeline(model, models_dir=models_dir, device=device, attention=attention, quant=quant,
+                                 expert_residency=options.expert_residency, text_encoder=options.text_encoder,
+                                 compile_dit=options.compile_arg, reserve_gb=options.reserve_gb)
+            if options.should_warm_up(pipe.device.type):
+                pipe.warmup()
+            pipelines[model] = pipe
+            log.info("%s resident after %.1f s: %s", model, time.perf_counter() - start, pipe.info())
         return cls(pipelines)
 
     @property

@@ -150,30 +150,26 @@ class JobRun:
         return "completed"
 
     def _generate(self, rec: dict, request: spec.ResolvedRequest) -> tuple[dict[str, str], Any, dict[str, float]]:
-        """Engine call, then the output files. Returns (variant -> file name, result, timings)."""
-        from turbodiffusion_core.video import write_outputs
-
+        """Engine call; the engine writes the output files itself, encoding the MP4 while the VAE decodes
+        (its timings then hold encode_video and store). Returns (variant -> file name, result, extra timings)."""
         image = None
         if rec.get("input_image"):
             from PIL import Image
 
             with Image.open(self.store.video_dir(self.job.video_id) / rec["input_image"]) as img:
                 image = img.convert("RGB")
+        folder = self.store.video_dir(self.job.video_id)
         residency = self.rt.residency
         with residency.lock(request.model):
             result = residency.get(request.model).generate(
-                request, image=image, on_progress=self.on_progress, should_cancel=self.should_cancel
+                request, image=image, on_progress=self.on_progress, should_cancel=self.should_cancel,
+                output_dir=folder, stem=f"video.{self.job.attempt}",
             )
-        if self.should_cancel():  # cancelled during VAE decode: don't bother encoding
+        files = {variant: Path(p).name for variant, p in result.files.items()}
+        if self.should_cancel():  # stopped while the outputs were being finished
+            self._discard_outputs(files)
             raise Cancelled("stopped after decoding")
-        folder = self.store.video_dir(self.job.video_id)
-        t0 = time.perf_counter()
-        self._report(spec.ProgressEvent("encode_video", 0.0))
-        paths = write_outputs(result.frames, folder, stem=f"video.{self.job.attempt}")
-        encode_seconds = time.perf_counter() - t0
-        self._report(spec.ProgressEvent("store", 0.0))
-        files = {variant: Path(p).name for variant, p in paths.items()}
-        return files, result, {"encode_video": round(encode_seconds, 4)}
+        return files, result, {}
 
     def _discard_outputs(self, files: dict[str, str]) -> None:
         folder = self.store.video_dir(self.job.video_id)

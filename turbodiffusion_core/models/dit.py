@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from torch import nn
 from turbodiffusion_core.attention import BACKEND_NAMES, AttentionFn, get_backend
 from turbodiffusion_core.attention.sdpa import sdpa_attention
 from turbodiffusion_core.models.configs import DiTConfig, get_dit_config
+
+if TYPE_CHECKING:
+    from turbodiffusion_core.parallel.ulysses import SPGroup
 
 ROPE_THETA = 10000.0
 SLA_TOPK_DEFAULT = 0.1
@@ -374,6 +377,7 @@ class WanModel(nn.Module):
         *,
         attention: Optional[str] = None,
         sla_topk: Optional[float] = None,
+        sp_group: Optional["SPGroup"] = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -384,6 +388,8 @@ class WanModel(nn.Module):
             y: image conditioning [B, in_dim - out_dim, F, H, W] (mask + first-frame latent), appended
                 after x on channels.
             attention, sla_topk: per-call override of the self-attention backend and SLA top-k.
+            sp_group: run this forward sequence-parallel over the group's ranks (turbodiffusion_core.parallel):
+                each rank gets the same inputs, keeps 1/N of the tokens and returns the whole output.
 
         Returns:
             float32 [B, out_dim, F, H, W].
@@ -404,17 +410,25 @@ class WanModel(nn.Module):
             .permute(0, 2, 4, 6, 1, 3, 5, 7)
             .reshape(batch, math.prod(grid), cfg.patch_in_features)
         )
-        hidden = self.patch_embedding(tokens).float()
-        e, e0 = self._time_embedding(torch.as_tensor(t, device=x.device), batch)
-        context = self._text_embedding(context)
         rope = self._rope(grid, x.device)
         attn = get_backend(
             attention or self.attention, device_type=x.device.type, has_sla_proj=self.with_sla_proj
         )
+        shard = None
+        if sp_group is not None and sp_group.size > 1:  # this rank keeps 1/N of the tokens (parallel/ulysses.py)
+            from turbodiffusion_core.parallel.ulysses import SequenceShard
+
+            shard = SequenceShard(sp_group, tokens.shape[1], cfg.num_heads)
+            tokens, rope, attn = shard.split(tokens), shard.split_rope(rope), shard.attention(attn)
+        hidden = self.patch_embedding(tokens).float()
+        e, e0 = self._time_embedding(torch.as_tensor(t, device=x.device), batch)
+        context = self._text_embedding(context)
         topk = self.sla_topk if sla_topk is None else sla_topk
         for block in self.blocks:
             hidden = block(hidden, e0, context, rope, attn, topk)
         out = self.head(hidden, e)
+        if shard is not None:
+            out = shard.gather(out)
         return (
             out.view(batch, *grid, kt, kh, kw, cfg.out_dim)
             .permute(0, 7, 1, 4, 2, 5, 3, 6)
