@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.diffusers_twin import diffusers_twin  # noqa: E402
+from bench.random_models import random_dit  # noqa: E402
 from turbodiffusion_core.models.configs import DIT_CONFIGS  # noqa: E402
-from turbodiffusion_core.models.dit import WanModel  # noqa: E402
 
 LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 
@@ -51,18 +51,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def random_dit(arch: str, seed: int) -> WanModel:
-    """Our model in bf16 on the GPU with seeded random weights (small scale keeps activations sane)."""
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = WanModel(arch, with_sla_proj=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("modulation"):
-                p.normal_(0.0, 0.05)
-            elif "proj_l" in name:
-                p.normal_(0.0, 0.02)
-    return model.set_dtype(torch.bfloat16).eval()
 
 
 def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int, baseline: bool) -> list[dict]:
@@ -79,7 +67,7 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
     context = torch.randn(1, 512, cfg.text_dim, device="cuda", generator=g).bfloat16() * 0.1
     tokens = frames * (h // 2) * (w // 2)
     rows = []
-    model = random_dit(arch, seed=1)
+    model = random_dit(arch, "cuda", torch.bfloat16, seed=1)
     reference = None
 
     if baseline:
@@ -108,7 +96,7 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
                     del model
                     gc.collect()
                     torch.cuda.empty_cache()
-                    model = random_dit(arch, seed=1)
+                    model = random_dit(arch, "cuda", torch.bfloat16, seed=1)
                 if quant:
                     quantize_model_linears(model, quant)
                 current_quant = quant

@@ -141,41 +141,7 @@ def median_timings(runs: list[dict[str, float]]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # random modules at the real shapes
 # ------------------------------------------------------------------------------------------------
-def random_dit(arch: str, device: str, dtype: torch.dtype, seed: int):
-    from turbodiffusion_core.models.dit import WanModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the run dtype: a 14B expert never exists in float32 (57 GB)
-    try:
-        with torch.device(device):
-            model = WanModel(arch, with_sla_proj=True)
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("modulation"):
-                p.normal_(0.0, 0.05)
-            elif "proj_l" in name:
-                p.normal_(0.0, 0.02)
-    return model.set_dtype(dtype).eval().requires_grad_(False)
-
-
-def random_vae(config: str, device: str, seed: int):
-    """Our WanVAE in float32 with lively random weights (gains around one, small biases)."""
-    from turbodiffusion_core.models.vae import VAE_CONFIGS, WanVAE
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        vae = WanVAE(VAE_CONFIGS[config]).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-        vae.decoder.head[2].weight.mul_(0.3)
-    return vae.requires_grad_(False)
+from bench.random_models import random_dit, random_vae  # noqa: E402
 
 
 def diffusers_vae_like(vae, dtype: torch.dtype):

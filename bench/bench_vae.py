@@ -1,5 +1,5 @@
 """GPU check + timing of our WanVAE vs diffusers AutoencoderKLWan (same random weights)."""
-import json, sys, time, os
+import json, sys, time
 import torch
 
 sys.path.insert(0, ".")

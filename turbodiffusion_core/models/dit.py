@@ -35,6 +35,7 @@ from torch import nn
 from turbodiffusion_core.attention import BACKEND_NAMES, AttentionFn, get_backend
 from turbodiffusion_core.attention.sdpa import sdpa_attention
 from turbodiffusion_core.models.configs import DiTConfig, get_dit_config
+from turbodiffusion_core.quant.base import QuantizedLinear
 
 if TYPE_CHECKING:
     from turbodiffusion_core.parallel.ulysses import SPGroup
@@ -245,7 +246,7 @@ class WanAttentionBlock(nn.Module):
         x, h, _ = residual_layernorm(x, y, shift=shift_ff, scale=scale_ff, eps=self.norm2.eps, out_dtype=dtype,
                                      inplace=True)
         up, down = self.ffn[0], self.ffn[2]
-        if hasattr(down, "weight_scale") or hasattr(down, "int8_weight"):  # quantized: GELU inside its quantizer
+        if isinstance(down, QuantizedLinear):  # GELU fused into its activation quantizer
             y = down(up(h), act="gelu_tanh")
         else:
             y = down(F.gelu(up(h), approximate="tanh"))

@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from turbodiffusion_core.quant.base import QuantizedLinear
 
 TILE = 128
 INT8_QMAX = 128.0
@@ -77,8 +78,9 @@ def w8a8_tile_reference(
     return out.to(x.dtype).reshape(*lead, out_features)
 
 
-class TileInt8Linear(nn.Module):
-    """Drop-in for nn.Linear holding TurboDiffusion's int8 tile-quantized weight (buffers, as in the files)."""
+class TileInt8Linear(QuantizedLinear):
+    """Drop-in for nn.Linear holding TurboDiffusion's int8 tile-quantized weight (buffers, as in the files).
+    The TurboDiffusion W8A8 math: the Triton tile GEMM on the GPU, the PyTorch reference elsewhere."""
 
     def __init__(
         self,
@@ -89,45 +91,20 @@ class TileInt8Linear(nn.Module):
         device: Optional[torch.device | str] = None,
         bias_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         grid = _tile_grid(out_features, in_features)
         self.register_buffer("int8_weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(grid, dtype=torch.float32, device=device))
-        bias_tensor = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
-        self.register_buffer("bias", bias_tensor)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "TileInt8Linear":
-        """Quantize a float Linear (a meta Linear gives an empty meta module, to be filled by a load)."""
-        weight = linear.weight
-        bias_dtype = linear.bias.dtype if linear.bias is not None else weight.dtype
-        module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            device=weight.device, bias_dtype=bias_dtype,
-        )
-        if weight.is_meta:
-            return module
-        q, scale = quantize_tile_int8(weight.detach())
-        module.int8_weight.copy_(q)
-        module.scale.copy_(scale)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
-        return module
+    def set_weight(self, weight: torch.Tensor) -> None:
+        q, scale = quantize_tile_int8(weight)
+        self.int8_weight.copy_(q)
+        self.scale.copy_(scale)
 
-    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
-        """The TurboDiffusion W8A8 math: the Triton tile GEMM on the GPU, the PyTorch reference elsewhere.
-        `act` ("gelu_tanh") is applied to x first (fused into the activation quantizer on the GPU)."""
-        from turbodiffusion_core.kernels.triton_support import kernels_usable
+    def kernel_forward(self, x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+        from turbodiffusion_core.quant.kernels import int8_tile_linear
 
-        if x.is_cuda and kernels_usable(x):
-            from turbodiffusion_core.quant.kernels import int8_tile_linear
+        return int8_tile_linear(x, self.int8_weight, self.scale, self.bias, act=act)
 
-            return int8_tile_linear(x, self.int8_weight, self.scale, self.bias, act=act)
-        if act == "gelu_tanh":
-            x = F.gelu(x, approximate="tanh")
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_tile_reference(x, self.int8_weight, self.scale, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

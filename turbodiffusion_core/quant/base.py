@@ -1,0 +1,68 @@
+"""What every quantized drop-in for nn.Linear shares: the shape attributes, a `bias` buffer kept in a float
+dtype, building from a float Linear, and the choice between the GPU kernel and the PyTorch reference."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class QuantizedLinear(nn.Module):
+    """Subclasses register their weight payload buffers in `__init__` (after calling this one) and implement
+    `set_weight(weight)` (quantize a float weight into those buffers), `kernel_forward` (CUDA) and
+    `reference_forward` (anywhere)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: Optional[torch.device | str] = None,
+        bias_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        bias_tensor = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
+        self.register_buffer("bias", bias_tensor)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
+        """Quantize a float Linear (a meta Linear gives an empty meta module, to be filled by a load)."""
+        weight = linear.weight
+        bias_dtype = linear.bias.dtype if linear.bias is not None else weight.dtype
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            device=weight.device, bias_dtype=bias_dtype,
+        )
+        if weight.is_meta:
+            return module
+        module.set_weight(weight.detach())
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def kernel_forward(self, x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+        """`act` ("gelu_tanh") is applied to x first: fused into the activation quantizer on the GPU."""
+        from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+        if x.is_cuda and kernels_usable(x):
+            return self.kernel_forward(x, act)
+        if act == "gelu_tanh":
+            x = nn.functional.gelu(x, approximate="tanh")
+        return self.reference_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
