@@ -143,8 +143,11 @@ class SLAAttentionOp(nn.Module):
         self.local_attn = SLALocalAttention(head_dim)
 
 
-class WanSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, with_sla_proj: bool) -> None:
+class _Attention(nn.Module):
+    """The projections both attentions own, under the official key names: q, k, v, o and the q/k RMSNorms
+    (across all heads)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -154,6 +157,11 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class WanSelfAttention(_Attention):
+    def __init__(self, dim: int, num_heads: int, eps: float, with_sla_proj: bool) -> None:
+        super().__init__(dim, num_heads, eps)
         self.attn_op = SLAAttentionOp(self.head_dim) if with_sla_proj else None
 
     def forward(
@@ -175,20 +183,9 @@ class WanSelfAttention(nn.Module):
         return self.o(out.reshape(batch, length, -1))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Attention):
     """Text cross-attention (T2V and the Wan2.2 experts): q from x, k/v from the text, q/k RMSNorm, no RoPE,
     no mask, always dense."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
