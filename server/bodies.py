@@ -48,7 +48,11 @@ def fold_form(items: list[tuple[str, Any]]) -> dict[str, Any]:
         if isinstance(value, str) and value == "":
             continue
         if key.endswith("[]"):
-            out.setdefault(key[:-2], []).append(value)
+            head = key[:-2]
+            prior = out.get(head, [])
+            if isinstance(prior, dict):
+                raise APIError(400, f"form field {key} conflicts with {head}[...]", code="invalid_value", param=head)
+            out[head] = (prior if isinstance(prior, list) else [prior]) + [value]
         elif "[" in key and key.endswith("]"):
             head, _, sub = key[:-1].partition("[")
             bucket = out.setdefault(head, {})

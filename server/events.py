@@ -1,7 +1,8 @@
 """GET /v1/videos/{id}/events: server-sent events with the video object each time it changes.
 
 The stream polls the record (a cheap HMGET) every POLL_SECONDS on the async Redis client, sends
-`event: video` with the full public object whenever status, stage, step or progress moved, and
+`event: video` with the full public object whenever status, stage, step, progress or (about once a
+second, while queued) the queue position moved, and
 ends after the terminal state. A comment line every KEEPALIVE_SECONDS keeps proxies from closing
 an idle stream. Polling rather than pub/sub keeps the worker's write path a single Lua call and
 cannot miss an update that happened before the client subscribed.
@@ -21,6 +22,8 @@ from turbodiffusion_core.spec import TERMINAL_STATUSES
 
 POLL_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
+POSITION_SECONDS = 1.0
+QUEUED = json.dumps("queued").encode()  # record fields are stored JSON-encoded
 WATCHED = ("status", "stage", "step", "progress")
 
 
@@ -35,16 +38,26 @@ async def video_events(reads: VideoReads, video_id: str, owner: str, max_seconds
     last_sent = time.monotonic()
     deadline = last_sent + max_seconds
     yield b"retry: 1000\n\n"
+    last_position: Optional[int] = None
+    next_position_check = 0.0
     while time.monotonic() < deadline:
         snapshot = tuple(await reads.r.hmget(key, *WATCHED))
-        if snapshot != last:
+        # A queued video's record does not change while the videos ahead of it leave the queue: re-read
+        # its position about once a second and send an update when it moved.
+        check_position = snapshot[0] == QUEUED and time.monotonic() >= next_position_check
+        if snapshot != last or check_position:
             found = await reads.get_owned(video_id, owner)
             if found is None:
                 yield sse("error", {"code": "video_not_found", "message": f"video {video_id} no longer exists"})
                 return
-            last = snapshot
             rec, deliveries = found
-            view = public_video(rec, queue_position=await reads.queue_position(rec), deliveries=deliveries)
+            position = await reads.queue_position(rec)
+            next_position_check = time.monotonic() + POSITION_SECONDS
+            if snapshot == last and position == last_position:
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            last, last_position = snapshot, position
+            view = public_video(rec, queue_position=position, deliveries=deliveries)
             yield sse("video", view)
             last_sent = time.monotonic()
             if rec["status"] in TERMINAL_STATUSES:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 from redis import Redis
 from redis.exceptions import WatchError
+from rq.job import Job
 
 from server import notify
 from server.queues import Queues, rq_job_id
@@ -95,6 +96,7 @@ if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'stage', 'null', 'completed_at', ARGV[3],
              'expires_at', ARGV[4], 'cancel_requested', 'true')
   redis.call('LREM', KEYS[4], 1, ARGV[2])
+  redis.call('DEL', KEYS[5])  -- the RQ job hash: a job pulled from its queue would otherwise live forever
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
   return 'cancelled_now'
@@ -184,6 +186,25 @@ class Store:
     # ------------------------------------------------------------------------------------------
     # API-side transitions
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _idempotency_key(owner: str, idempotency: "Idempotency") -> str:
+        return IDEMPOTENCY.format(owner=owner, key=hashlib.sha256(idempotency.key.encode()).hexdigest()[:32])
+
+    def _earlier(self, stored: Optional[bytes], idempotency: "Idempotency") -> Optional[dict[str, Any]]:
+        """The video an Idempotency-Key already made (None if none, or if it is gone); a different request
+        under the same key raises StoreError("idempotency_key_reused")."""
+        if stored is None:
+            return None
+        earlier = json.loads(stored)
+        if earlier["body_hash"] != idempotency.body_hash:
+            raise StoreError("this Idempotency-Key was already used with a different request", "idempotency_key_reused")
+        return self.get(earlier["video_id"])
+
+    def replay(self, owner: str, idempotency: "Idempotency") -> Optional[dict[str, Any]]:
+        """The earlier video of a retried create, looked up before any admission check (a retry of an
+        accepted request must get its video back even when the queue has filled up since)."""
+        return self._earlier(self.r.get(self._idempotency_key(owner, idempotency)), idempotency)
+
     def create(
         self,
         *,
@@ -226,27 +247,15 @@ class Store:
             "error": None,
             "timings": {},
         }
-        idem_key = (
-            IDEMPOTENCY.format(owner=owner, key=hashlib.sha256(idempotency.key.encode()).hexdigest()[:32])
-            if idempotency
-            else None
-        )
+        idem_key = self._idempotency_key(owner, idempotency) if idempotency else None
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     if idem_key:
                         pipe.watch(idem_key)
-                        previous = pipe.get(idem_key)
-                        if previous is not None:
-                            earlier = json.loads(previous)
-                            if earlier["body_hash"] != idempotency.body_hash:
-                                raise StoreError(
-                                    "this Idempotency-Key was already used with a different request",
-                                    "idempotency_key_reused",
-                                )
-                            existing = self.get(earlier["video_id"])
-                            if existing is not None:
-                                return existing, False
+                        existing = self._earlier(pipe.get(idem_key), idempotency)
+                        if existing is not None:
+                            return existing, False
                     pipe.multi()
                     pipe.hset(REC.format(id=video_id), mapping={k: _dumps(v) for k, v in rec.items()})
                     pipe.zadd(OWNER_INDEX.format(owner=owner), {video_id: now})
@@ -272,9 +281,10 @@ class Store:
         now = int(time.time())
         expires = now + self.settings.retention_seconds
         qkey = self.queues.for_model(rec["model"], rec["priority"]).key
+        rq_id = rq_job_id(video_id, rec["attempt"])
         outcome = self._cancel(
-            keys=[REC.format(id=video_id), ACTIVE, EXPIRY, qkey],
-            args=[video_id, rq_job_id(video_id, rec["attempt"]), now, expires],
+            keys=[REC.format(id=video_id), ACTIVE, EXPIRY, qkey, Job.key_for(rq_id)],
+            args=[video_id, rq_id, now, expires],
         )
         outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
         if outcome == "gone":
@@ -413,6 +423,8 @@ class Store:
         if not done:
             return None
         rec = self.get(video_id)
+        if rec is None:  # deleted between the finish script and this read: nothing left to announce
+            return None
         self._count_finish(rec)
         notify.announce(self.r, self.settings, rec, notify.event_for_status(status))
         return rec

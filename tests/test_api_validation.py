@@ -108,6 +108,20 @@ def test_malformed_bodies_are_400_or_415_never_422_or_500(api):
     assert_error(api.get("/v1/nothing"), 404, "not_found")
 
 
+@pytest.mark.parametrize("pairs", [
+    [("metadata", "a"), ("metadata[]", "b")],  # a plain field, then the same name as a list
+    [("webhook_events", "video.completed"), ("webhook_events[]", "video.failed")],
+    [("metadata[k]", "v"), ("metadata[]", "b")],  # a dict, then the same name as a list
+])
+def test_conflicting_form_shapes_are_400_not_500(api, pairs):
+    """Regression: `name=x` followed by `name[]=y` in one multipart body raised inside the form folding."""
+    body, ctype = multipart([("prompt", "p"), ("model", "tiny-t2v"), *pairs])
+    resp = api.post("/v1/videos", content=body, headers={"content-type": ctype})
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert resp.json()["error"]["message"]
+
+
 def test_multipart_as_the_sdk_sends_it(api):
     """Strings everywhere, "" for None, booleans as "true", bracketed dicts and lists."""
     body, ctype = multipart([
@@ -264,6 +278,18 @@ def test_full_queue_is_429_with_retry_after(make_client):
     assert resp.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_idempotent_retry_gets_its_video_even_when_the_queue_is_full(make_client):
+    """Regression: the queue check ran before the Idempotency-Key lookup, so the SDK's retry of an accepted
+    create was refused with 429 once the queue had filled up."""
+    api = make_client(models=["tiny-t2v"], max_queue=1)
+    first = api.post("/v1/videos", json=FAST_JSON, headers={"idempotency-key": "retry-me"})
+    assert first.status_code == 200
+    assert_error(api.post("/v1/videos", json=FAST_JSON), 429, "queue_full")
+    again = api.post("/v1/videos", json=FAST_JSON, headers={"idempotency-key": "retry-me"})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+
+
 # --- listing, priorities, cancel, delete -------------------------------------------------------
 def test_list_pagination_both_orders(api):
     ids = [api.post("/v1/videos", json=FAST_JSON).json()["id"] for _ in range(5)]
@@ -289,9 +315,12 @@ def test_high_priority_goes_first(api):
     assert api.get(f"/v1/videos/{normal['id']}").json()["queue_position"] == 1
 
 
-def test_cancel_queued_video(api):
+def test_cancel_queued_video(api, redis_conn):
     video = api.post("/v1/videos", json=FAST_JSON).json()
+    job_key = f"rq:job:{video['id']}-a1"
+    assert redis_conn.exists(job_key)
     resp = api.post(f"/v1/videos/{video['id']}/cancel")
+    assert not redis_conn.exists(job_key)  # regression: the RQ job hash outlived its pulled ticket forever
     assert resp.status_code == 200
     body = resp.json()
     assert (body["status"], body["cancelled"], body["error"]["code"]) == ("failed", True, "cancelled")
@@ -350,3 +379,25 @@ def test_api_process_never_imports_torch(settings):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.timeout(30)  # before the fix the stream waited forever for a change it never reported
+def test_events_stream_reports_a_queued_videos_position_as_it_moves(api):
+    """Regression: the stream only watched status/stage/step/progress, so a queued video's position stayed
+    where it was when the video ahead of it left the queue."""
+    ahead = api.post("/v1/videos", json=FAST_JSON).json()
+    mine = api.post("/v1/videos", json=FAST_JSON).json()
+    positions = []
+    with api.stream("GET", f"/v1/videos/{mine['id']}/events") as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = json.loads(line[len("data: "):])
+            if data.get("object") != "video":
+                break
+            positions.append(data["queue_position"])
+            if len(positions) == 1:
+                assert api.post(f"/v1/videos/{ahead['id']}/cancel").status_code == 200
+            elif data["queue_position"] == 0:
+                assert api.post(f"/v1/videos/{mine['id']}/cancel").status_code == 200
+    assert positions[:2] == [1, 0], positions

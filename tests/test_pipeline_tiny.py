@@ -127,3 +127,27 @@ def test_i2v_adaptive_resolution_and_deterministic_ode(models_dir):
     b = pipe.generate(resolved, image=img)
     assert a.frames.shape == (5, resolved.height, resolved.width, 3)
     assert np.array_equal(a.frames, b.frames)
+
+
+def test_a_request_for_another_quantization_fails_clearly(t2v):
+    """Regression: `quant` was accepted and silently ignored; a pipeline runs only the mode it was loaded with."""
+    from turbodiffusion_core.errors import UnsupportedRequest
+
+    with pytest.raises(UnsupportedRequest, match="quant=fp8"):
+        t2v.generate(_req(seed=1, num_frames=5, steps=1, quant="fp8"))
+    assert t2v.generate(_req(seed=1, num_frames=5, steps=1, quant="none")).frames.shape[0] == 5
+
+
+def test_cli_refuses_i2v_without_image_before_loading_and_creates_the_output_folder(models_dir, tmp_path, capsys):
+    """Regressions: an I2V model without --image failed only after loading the model, with a traceback; an
+    --out in a folder that does not exist failed after the whole generation."""
+    start = time.perf_counter()
+    assert main(["generate", "--model", "tiny-i2v", "--prompt", "a dog", "--models-dir", str(tmp_path / "none")]) == 2
+    assert "--image" in capsys.readouterr().err
+    assert time.perf_counter() - start < 5 and not (tmp_path / "none").exists()  # nothing was loaded or written
+
+    out = tmp_path / "new" / "folder" / "clip.mp4"
+    assert main(["generate", "--model", "tiny-t2v", "--prompt", "a cat", "--num-frames", "5", "--steps", "1",
+                 "--seed", "3", "--extras", "--out", str(out), "--models-dir", str(models_dir)]) == 0
+    assert read_video_frames(out).shape == (5, 128, 224, 3)
+    assert (out.parent / "clip_thumbnail.webp").exists() and (out.parent / "clip_spritesheet.jpg").exists()

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,9 @@ def _cmd_generate(args) -> int:
             image.load()
             request.image_width, request.image_height = image.size
         resolved = spec.resolve(request)
+        if resolved.task == "i2v" and image is None:
+            raise ValueError(f"{resolved.model} is an image-to-video model: give the first frame with --image")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     except spec.SpecError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -118,18 +122,16 @@ def _cmd_generate(args) -> int:
         bar.set_description(label)
         bar.update(max(0, ev.percent - bar.n))
 
-    result = pipe.generate(resolved, image=image, on_progress=on_progress)
-    from turbodiffusion_core.video import write_mp4, write_spritesheet, write_thumbnail
-
-    t0 = time.perf_counter()
-    bar.set_description("encode_video")
-    out = write_mp4(result.frames, args.out)
-    if args.extras:
-        write_thumbnail(result.frames, out.with_suffix(".webp"))
-        write_spritesheet(result.frames, out.with_suffix(".jpg"))
-    result.timings["encode_video"] = time.perf_counter() - t0
+    # The MP4 is encoded on a thread while the VAE decodes (the same path the workers use).
+    variants = ("video", "thumbnail", "spritesheet") if args.extras else ("video",)
+    result = pipe.generate(resolved, image=image, on_progress=on_progress, output_dir=args.out.parent,
+                           stem=args.out.stem, variants=variants)
     bar.update(100 - bar.n)
     bar.close()
+    for variant, path in sorted(result.files.items()):
+        if variant != "video":
+            print(f"wrote {path}")
+    out = result.files["video"]
     print(f"wrote {out} ({result.num_frames} frames, {result.width}x{result.height}, {spec.FPS} fps)")
     print(f"seed: {result.seed}")
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
@@ -145,13 +147,10 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    import os
-
-    models_dir = args.models_dir or Path(os.environ.get("TD_MODELS_DIR", "models"))
+    models_dir = args.models_dir or spec.default_models_dir()
     rows = []
     for preset in spec.PRESETS.values():
-        required = [f for f in preset.files if not f.optional]
-        present = all(preset.local_path(models_dir, f).exists() for f in required)
+        present = not spec.missing_files(preset, models_dir, quant="int8")
         quant = any(preset.local_path(models_dir, f).exists() for f in preset.files if f.role.endswith("_quant"))
         state = "present" if present else ("written on first use" if preset.tiny else "not downloaded")
         rows.append({**preset.describe(), "local": state, "int8_file": quant})
@@ -182,12 +181,10 @@ def _add_download(sub) -> None:
 
 
 def _cmd_download(args) -> int:
-    import os
-
     from turbodiffusion_core.download import download, download_plan
 
     preset = spec.get_preset(args.model)
-    models_dir = args.models_dir or Path(os.environ.get("TD_MODELS_DIR", "models"))
+    models_dir = args.models_dir or spec.default_models_dir()
     quant = args.quant or args.quant_only
     plan = download_plan(preset, models_dir, quant=quant, bf16=not args.quant_only)
     for item in plan:
@@ -228,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # TD_LOG_LEVEL (the servers' setting) applies to every subcommand; -v overrides it
+    level = "DEBUG" if args.verbose else os.environ.get("TD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

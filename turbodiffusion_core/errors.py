@@ -23,3 +23,9 @@ class CheckpointMismatch(EngineError):
     """A checkpoint's keys or shapes do not fit the module built for it."""
 
     code = "checkpoint_mismatch"
+
+
+class UnsupportedRequest(EngineError):
+    """The request asks for something this loaded pipeline does not run (e.g. another quantization)."""
+
+    code = "unsupported_value"

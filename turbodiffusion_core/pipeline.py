@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import spec
-from .errors import EngineError, ModelFilesMissing
+from .errors import EngineError, ModelFilesMissing, UnsupportedRequest
 from .residency import MODES as EXPERT_RESIDENCY_MODES
 from .residency import ExpertResidency, choose_mode, module_bytes, same_device
 
@@ -80,36 +80,16 @@ class GenerationResult:
     files: dict[str, Path] = field(default_factory=dict)  # variant -> path, when generate() wrote outputs
 
 
-def default_models_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("TD_MODELS_DIR", "models")).expanduser()
-
-
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def preset_paths(preset: spec.Preset, models_dir: Path) -> dict[str, Path]:
-    """Local path of every file role of a preset (present or not)."""
-    return {f.role: preset.local_path(models_dir, f) for f in preset.files}
-
-
-def missing_files(preset: spec.Preset, models_dir: Path, quant: Optional[str] = None) -> list[str]:
-    """Required files of a preset that are not on disk. With quant='int8' a released `-quant` DiT file
-    stands in for its bf16 twin; otherwise int8 and fp8 are made at load time from the bf16 file."""
-    paths = preset_paths(preset, models_dir)
-    out = []
-    for f in preset.files:
-        if f.optional or paths[f.role].exists():
-            continue
-        twin = paths.get(f"{f.role}_quant")
-        if quant == "int8" and twin is not None and twin.exists():
-            continue
-        out.append(str(paths[f.role]))
-    return out
+# Torch-free, in spec so the CLI's `models` and the API use them too; re-exported here for the engine's callers.
+default_models_dir = spec.default_models_dir
+preset_paths = spec.preset_paths
+missing_files = spec.missing_files
 
 
 def free_device_bytes(device: torch.device) -> Optional[int]:
@@ -521,6 +501,12 @@ class VideoPipeline:
             raise EngineError(f"this pipeline serves {self.preset.id}, not {req.model}")
         if self.preset.task == "i2v" and image is None:
             raise EngineError(f"{self.preset.id} is an image-to-video model: give an input image")
+        loaded = self.quant or "none"
+        if req.quant is not None and req.quant != loaded:
+            raise UnsupportedRequest(
+                f"{self.preset.id} is loaded with quant={loaded} here; quant={req.quant} needs a worker started "
+                f"with --quant {req.quant} (or leave quant unset to use whatever the worker runs)"
+            )
         unknown = set(variants) - {"video", "thumbnail", "spritesheet"}
         if unknown:
             raise ValueError(f"unknown output variants {sorted(unknown)}")

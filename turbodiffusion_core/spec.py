@@ -330,6 +330,34 @@ _register(
 )
 
 
+def default_models_dir():
+    """$TD_MODELS_DIR, else ./models (a pathlib.Path)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("TD_MODELS_DIR", "models")).expanduser()
+
+
+def preset_paths(preset: Preset, models_dir) -> dict:
+    """Local path of every file role of a preset (present or not)."""
+    return {f.role: preset.local_path(models_dir, f) for f in preset.files}
+
+
+def missing_files(preset: Preset, models_dir, quant: Optional[str] = None) -> list[str]:
+    """Required files of a preset that are not on disk. With quant='int8' a released `-quant` DiT file
+    stands in for its bf16 twin; otherwise int8 and fp8 are made at load time from the bf16 file."""
+    paths = preset_paths(preset, models_dir)
+    out = []
+    for f in preset.files:
+        if f.optional or paths[f.role].exists():
+            continue
+        twin = paths.get(f"{f.role}_quant")
+        if quant == "int8" and twin is not None and twin.exists():
+            continue
+        out.append(str(paths[f.role]))
+    return out
+
+
 def get_preset(model_id: str) -> Preset:
     try:
         return PRESETS[model_id]

@@ -135,6 +135,15 @@ def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str])
     except ValidationError as exc:
         raise validation_error(exc) from None
 
+    idempotency = Idempotency(idem, body.fingerprint()) if idem else None
+    if idempotency:
+        try:
+            earlier = store.replay(owner, idempotency)
+        except StoreError as exc:
+            raise APIError(422, exc.message, code=exc.code, param="Idempotency-Key") from None
+        if earlier is not None:
+            return earlier, False, _view(request, earlier)
+
     depth = store.queue_depth(model)
     if depth >= settings.max_queue:
         wait = _retry_after(store, depth - settings.max_queue + 1, state.catalog.live().get(model, []))
@@ -154,7 +163,7 @@ def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str])
             webhook_url=params.webhook_url,
             webhook_events=params.webhook_events,
             input_image=image_name,
-            idempotency=Idempotency(idem, body.fingerprint()) if idem else None,
+            idempotency=idempotency,
         )
     except StoreError as exc:
         raise APIError(422, exc.message, code=exc.code, param="Idempotency-Key") from None
