@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -119,6 +120,10 @@ def default_models(settings: Settings) -> list[str]:
     return [DEFAULT_GPU_MODEL]
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(
     settings: Settings,
     *,
@@ -141,9 +146,18 @@ def serve(
             settings = settings.model_copy(update={"redis_url": embedded.url})
         models = models or default_models(settings)
         settings = settings.model_copy(update={"models": list(dict.fromkeys([*settings.models, *models]))})
+        api = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                            log_level=settings.log_level.lower()))
+
+        def worker_failed(exc: BaseException) -> None:
+            # No worker means queued videos would wait forever: stop serving instead of accepting them.
+            log.error("the video worker failed (%s: %s); shutting the server down", type(exc).__name__, exc)
+            api.should_exit = True
+
         worker = EmbeddedWorker(
             lambda: build_runtime(settings, models, device=device, attention=attention, quant=quant),
             name="video-worker",
+            on_error=worker_failed,
         ).start(wait=None)
         hooks_stop = threading.Event()
         hooks = threading.Thread(
@@ -155,8 +169,12 @@ def serve(
         )
         hooks.start()
         log.info("serving %s on http://%s:%d/v1 (worker loading in the background)", ", ".join(models), host, port)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was
+        # there before it: make that a KeyboardInterrupt for SIGTERM too, so the cleanup below (finish the
+        # current video, stop the embedded Redis) runs instead of the process dying on the spot.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+            api.run()
         except KeyboardInterrupt:
             pass  # uvicorn has shut the API down and re-raises the Ctrl+C it caught
         finally:
@@ -164,6 +182,8 @@ def serve(
             hooks_stop.set()
             worker.stop()
             hooks.join(timeout=10)
+        if worker.error is not None:
+            raise SystemExit(1)
     finally:
         if embedded:
             embedded.stop()

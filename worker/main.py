@@ -146,8 +146,10 @@ class EmbeddedWorker:
     `build` makes the Runtime (loading the models) on the worker's own thread, so the caller can
     go on (serve starts the API meanwhile) or wait for `start(wait=...)`."""
 
-    def __init__(self, build: Callable[[], Runtime], name: str = "worker"):
+    def __init__(self, build: Callable[[], Runtime], name: str = "worker",
+                 on_error: Optional[Callable[[BaseException], None]] = None):
         self._build = build
+        self._on_error = on_error
         self._worker: Optional[VideoWorker] = None
         self._stopping = False
         self._ready = threading.Event()
@@ -159,9 +161,11 @@ class EmbeddedWorker:
             rt = self._build()
             if not self._stopping:
                 work(rt, on_ready=self._ready.set, on_worker=self._set_worker)
-        except BaseException as exc:  # report to whoever waits in start()
+        except BaseException as exc:  # report to whoever waits in start(), and to on_error
             self.error = exc
             log.exception("embedded worker crashed")
+            if self._on_error is not None and not self._stopping:
+                self._on_error(exc)
         finally:
             self._ready.set()
 
