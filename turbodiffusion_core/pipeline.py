@@ -230,6 +230,60 @@ def _uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
+@dataclass
+class LoadPlan:
+    """What loading a preset on a device resolves to: dtype, quantization and the files (checked present;
+    tiny presets write theirs first). `VideoPipeline.from_preset` and the sequence-parallel ranks
+    (parallel/runtime.py, which load only the DiT) share it, so every rank loads the same thing."""
+
+    preset: spec.Preset
+    device: torch.device
+    dtype: torch.dtype
+    quant: Optional[str]
+    paths: dict[str, Path]
+
+    @classmethod
+    def prepare(cls, model_id: str, models_dir: Optional[Path], device: torch.device,
+                dtype: Optional[torch.dtype] = None, quant: Optional[str] = None) -> "LoadPlan":
+        preset = spec.get_preset(model_id)
+        models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cpu":
+            # Random or decaying activations reach subnormal floats, which x86 CPUs process ~100x slower.
+            torch.set_flush_denormal(True)
+        quant = None if quant == "none" else quant
+        if preset.tiny:
+            from .tiny import ensure_tiny_files
+
+            ensure_tiny_files(preset, models_dir)
+        missing = missing_files(preset, models_dir, quant)
+        if missing:
+            raise ModelFilesMissing(
+                f"{preset.id}: missing model files: {', '.join(missing)}. "
+                f"Run `turbodiffusion download {preset.id} --models-dir {models_dir}` first."
+            )
+        return cls(preset, device, dtype, quant, preset_paths(preset, models_dir))
+
+    @property
+    def expert_roles(self) -> dict[str, str]:
+        """Expert name -> file role: {"dit": "dit"}, or {"high": "dit_high", "low": "dit_low"} for I2V."""
+        if self.preset.task == "i2v":
+            return {"high": "dit_high", "low": "dit_low"}
+        return {"dit": "dit"}
+
+    def dit_file(self, role: str) -> Path:
+        """The released `-quant` file when int8 is asked for and present, else the bf16 one."""
+        twin = self.paths.get(f"{role}_quant")
+        return twin if self.quant == "int8" and twin is not None and twin.exists() else self.paths[role]
+
+    def load_dit(self, role: str, where: Optional[torch.device] = None):
+        from .checkpoints import load_dit
+
+        return load_dit(self.preset.arch, self.dit_file(role), device=where or self.device, dtype=self.dtype,
+                        quant=self.quant)
+
+
 class VideoPipeline:
     """Resident modules of one preset on one device, and the generation loop around them.
 
@@ -265,6 +319,7 @@ class VideoPipeline:
         self.dtype = dtype
         self.attention = attention
         self.quant = quant
+        self.sequence_parallel = 1  # GPUs each DiT forward is spread over (parallel.runtime.shard_pipeline)
         self.load_seconds = 0.0
         self.warmup_seconds: Optional[float] = None
         self.text_encoder_reason = text_encoder_reason
@@ -296,7 +351,6 @@ class VideoPipeline:
         compile_dit: Union[bool, str] = False,
         reserve_gb: Optional[float] = None,
     ) -> "VideoPipeline":
-        from .checkpoints import load_dit
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
 
@@ -304,47 +358,20 @@ class VideoPipeline:
             raise ValueError(f"expert_residency must be one of {', '.join(EXPERT_RESIDENCY_MODES)}")
         if text_encoder not in TEXT_ENCODER_PLACEMENTS:
             raise ValueError(f"text_encoder must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}")
-        preset = spec.get_preset(model_id)
-        models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
-        dev = pick_device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        if dev.type == "cpu":
-            # Random or decaying activations reach subnormal floats, which x86 CPUs process ~100x slower.
-            torch.set_flush_denormal(True)
-        if quant == "none":
-            quant = None
         start = time.perf_counter()
-        if preset.tiny:
-            from .tiny import ensure_tiny_files
-
-            ensure_tiny_files(preset, models_dir)
-        missing = missing_files(preset, models_dir, quant)
-        if missing:
-            raise ModelFilesMissing(
-                f"{preset.id}: missing model files: {', '.join(missing)}. "
-                f"Run `turbodiffusion download {preset.id} --models-dir {models_dir}` first."
-            )
-        paths = preset_paths(preset, models_dir)
+        plan = LoadPlan.prepare(model_id, models_dir, pick_device(device), dtype, quant)
+        preset, dev, dtype, quant, paths = plan.preset, plan.device, plan.dtype, plan.quant, plan.paths
         tiny = preset.tiny
         reserve = reserve_bytes_for(preset, reserve_gb)
         log.info("loading %s on %s (%s, attention=%s, quant=%s)", preset.id, dev, dtype, attention, quant or "none")
 
         vae = load_vae(paths["vae"], config="tiny" if tiny else "wan2.1", device=dev, dtype=dtype)
 
-        def dit_file(role: str) -> Path:
-            qrole = f"{role}_quant"
-            if quant == "int8" and qrole in paths and paths[qrole].exists():
-                return paths[qrole]
-            return paths[role]
-
-        def dit(role: str, where: torch.device):
-            return load_dit(preset.arch, dit_file(role), device=where, dtype=dtype, quant=quant)
-
         # Order of priority for GPU memory: the first expert, the text encoder, the other expert (a
         # streamed expert switch hides under compute; a text encoder on the CPU costs seconds a prompt).
-        names = ("high", "low") if preset.task == "i2v" else ("dit",)
-        experts = {names[0]: dit(f"dit_{names[0]}" if len(names) > 1 else "dit", dev)}
+        roles = plan.expert_roles
+        names = tuple(roles)
+        experts = {names[0]: plan.load_dit(roles[names[0]], dev)}
 
         t5_bytes = paths["t5"].stat().st_size if paths["t5"].exists() else 0
         placement, te_reason = choose_text_encoder(
@@ -362,7 +389,7 @@ class VideoPipeline:
                                        expert_bytes=module_bytes(experts[names[0]]),
                                        free_bytes=free_device_bytes(dev), reserve_bytes=reserve)
             for name in names[1:]:
-                experts[name] = dit(f"dit_{name}", dev if mode == "resident" else torch.device("cpu"))
+                experts[name] = plan.load_dit(roles[name], dev if mode == "resident" else torch.device("cpu"))
         pipe = cls(preset, text_encoder=encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
                    attention=attention, quant=quant, expert_residency=mode, residency_reason=reason,
                    reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason)
@@ -421,6 +448,7 @@ class VideoPipeline:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention": self.attention,
             "quant": self.quant or "none",
+            "gpus": self.sequence_parallel,
             "load_seconds": round(self.load_seconds, 3),
             "text_encoder": self.text_encoder_placement,
             "text_encoder_reason": self.text_encoder_reason,

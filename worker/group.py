@@ -23,7 +23,7 @@ from typing import Optional
 
 from server.settings import Settings
 from turbodiffusion_core.spec import ATTENTION_TYPES, PRESETS
-from worker.main import VideoWorker, build_runtime, work
+from worker.main import VideoWorker, build_runtime, settings_from_args, work
 from worker.residency import Residency
 from worker.runtime import Runtime
 
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from turbodiffusion_core.errors import EngineError
     from turbodiffusion_core.parallel.launch import start_group
 
-    overrides = {k: v for k, v in (("redis_url", args.redis_url), ("models_dir", args.models_dir),
-                                   ("storage_dir", args.storage_dir)) if v}
-    settings = Settings(**overrides)
+    settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         log.error("set TD_REDIS_URL (or --redis-url) to the Redis the API uses")

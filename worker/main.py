@@ -229,7 +229,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     return parser
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in (("redis_url", args.redis_url), ("models_dir", args.models_dir),
                                    ("storage_dir", args.storage_dir)) if v}
     return Settings(**overrides)
@@ -240,7 +240,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
         from worker.group import run as run_group
 
         return run_group(args)
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         log.error("set TD_REDIS_URL (or --redis-url) to the Redis the API uses")

@@ -129,13 +129,13 @@ class JobRun:
             log.info("video %s started on %s (attempt %d, %s %s, %d frames, %d steps; waited %.1f s)", vid,
                      self.rt.name, attempt, request.model, request.size, request.num_frames, request.steps,
                      queue_wait)
-            files, result, output_timings = self._generate(rec, request)
+            files, result = self._generate(rec, request)
         except Cancelled:
             return self._stopped()
         except Exception as exc:  # every failure ends as a failed video with a code, never an RQ error
             return self._failed(exc)
         timings = {k: round(v, 4) for k, v in result.timings.items()}
-        timings.update(output_timings, queue_wait=round(queue_wait, 4),
+        timings.update(queue_wait=round(queue_wait, 4),
                        total=round(time.perf_counter() - started, 4))
         final = self.store.finish(
             vid, attempt, "completed",
@@ -149,9 +149,9 @@ class JobRun:
                  ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
         return "completed"
 
-    def _generate(self, rec: dict, request: spec.ResolvedRequest) -> tuple[dict[str, str], Any, dict[str, float]]:
+    def _generate(self, rec: dict, request: spec.ResolvedRequest) -> tuple[dict[str, str], Any]:
         """Engine call; the engine writes the output files itself, encoding the MP4 while the VAE decodes
-        (its timings then hold encode_video and store). Returns (variant -> file name, result, extra timings)."""
+        (its timings then hold encode_video and store). Returns (variant -> file name, result)."""
         image = None
         if rec.get("input_image"):
             from PIL import Image
@@ -169,7 +169,7 @@ class JobRun:
         if self.should_cancel():  # stopped while the outputs were being finished
             self._discard_outputs(files)
             raise Cancelled("stopped after decoding")
-        return files, result, {}
+        return files, result
 
     def _discard_outputs(self, files: dict[str, str]) -> None:
         folder = self.store.video_dir(self.job.video_id)

@@ -33,8 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from turbodiffusion_core import spec
-from turbodiffusion_core.errors import EngineError, ModelFilesMissing
+from turbodiffusion_core.errors import EngineError
 from turbodiffusion_core.parallel.ulysses import SequenceParallelError, SPGroup, check_world_size
 
 log = logging.getLogger("turbodiffusion.parallel")
@@ -181,10 +180,6 @@ def serve(ctx: ParallelContext, experts: dict[str, torch.nn.Module]) -> int:
 # ------------------------------------------------------------------------------------------------
 # what each rank loads
 # ------------------------------------------------------------------------------------------------
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def load_experts(
     model_id: str,
     *,
@@ -195,34 +190,10 @@ def load_experts(
 ) -> dict[str, torch.nn.Module]:
     """The DiT expert(s) of a preset exactly as `VideoPipeline.from_preset` loads them, without the text
     encoder and the VAE (ranks other than 0 only run the DiT). Keys: "dit", or "high" and "low"."""
-    from turbodiffusion_core.checkpoints import load_dit
-    from turbodiffusion_core.pipeline import missing_files, preset_paths
+    from turbodiffusion_core.pipeline import LoadPlan
 
-    preset = spec.get_preset(model_id)
-    models_dir = Path(models_dir)
-    dtype = dtype or default_dtype(device)
-    quant = None if quant == "none" else quant
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as from_preset does: the same numbers on every rank
-    if preset.tiny:
-        from turbodiffusion_core.tiny import ensure_tiny_files
-
-        ensure_tiny_files(preset, models_dir)
-    missing = missing_files(preset, models_dir, quant)
-    if missing:
-        raise ModelFilesMissing(f"{preset.id}: missing model files: {', '.join(missing)}")
-    paths = preset_paths(preset, models_dir)
-
-    def dit_file(role: str) -> Path:
-        qrole = f"{role}_quant"
-        if quant == "int8" and qrole in paths and paths[qrole].exists():
-            return paths[qrole]
-        return paths[role]
-
-    names = ("high", "low") if preset.task == "i2v" else ("dit",)
-    roles = {name: (f"dit_{name}" if preset.task == "i2v" else "dit") for name in names}
-    return {name: load_dit(preset.arch, dit_file(roles[name]), device=device, dtype=dtype, quant=quant)
-            for name in names}
+    plan = LoadPlan.prepare(model_id, models_dir, device, dtype, quant)
+    return {name: plan.load_dit(role) for name, role in plan.expert_roles.items()}
 
 
 def expert_key(model_id: str, name: str) -> str:
