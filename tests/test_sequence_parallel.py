@@ -175,6 +175,15 @@ def test_a_worker_owning_the_group_serves_queued_videos(group, settings, client)
         assert not watches[0].wait(0.2) and worker.alive  # a healthy group does not stop its worker
         group.ctx.broken = "simulated failure"  # as a failed parallel forward marks it
         try:
+            # a job that meets a broken group is the worker's failure, not the video's: the job code leaves
+            # the video to its lease (retried elsewhere) instead of failing it (worker/tasks.py)
+            from turbodiffusion_core import spec
+            from turbodiffusion_core.errors import WorkerBroken
+
+            pipe = holder["rt"].residency.get("tiny-t2v")
+            req = spec.resolve(spec.GenerationRequest(prompt="x", model="tiny-t2v", num_frames=5, steps=1))
+            with pytest.raises(WorkerBroken):
+                pipe.generate(req)
             assert watches[0].wait(5)
             wait_for(lambda: not worker.alive, 15, what="the worker of a broken group to stop")
         finally:

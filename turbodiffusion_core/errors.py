@@ -29,3 +29,10 @@ class UnsupportedRequest(EngineError):
     """The request asks for something this loaded pipeline does not run (e.g. another quantization)."""
 
     code = "unsupported_value"
+
+
+class WorkerBroken(EngineError):
+    """This process can no longer run jobs (its group of GPUs is out of step after a failed collective):
+    the job is not the problem and should run on another worker, which the caller arranges."""
+
+    code = "worker_broken"

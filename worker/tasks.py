@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from turbodiffusion_core import spec
-from turbodiffusion_core.errors import Cancelled, EngineError
+from turbodiffusion_core.errors import Cancelled, EngineError, WorkerBroken
 from worker import runtime as runtime_mod
 from worker.runtime import CurrentJob, Runtime
 
@@ -195,6 +195,11 @@ class JobRun:
 
     def _failed(self, exc: Exception) -> str:
         vid, attempt = self.job.video_id, self.job.attempt
+        if isinstance(exc, WorkerBroken):
+            # Not the video's fault: leave it in_progress; its lease runs out once this worker stops
+            # renewing it (the group worker exits), and the sweep gives it to another worker.
+            log.error("video %s attempt %d abandoned: %s", vid, attempt, exc)
+            return "abandoned"
         if is_out_of_memory(exc):
             # the traceback's frames still reference the step's tensors: drop them before freeing
             traceback.clear_frames(exc.__traceback__)

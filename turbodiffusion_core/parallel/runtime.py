@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from turbodiffusion_core.errors import EngineError
+from turbodiffusion_core.errors import EngineError, WorkerBroken
 from turbodiffusion_core.parallel.ulysses import SequenceParallelError, SPGroup, check_world_size
 
 log = logging.getLogger("turbodiffusion.parallel")
@@ -146,7 +146,7 @@ class ShardedDiT:
                    (("x", x), ("t", t), ("context", context), ("y", y))}
         with ctx.lock:
             if ctx.broken:
-                raise SequenceParallelError(f"the sequence-parallel group is broken ({ctx.broken}); restart it")
+                raise WorkerBroken(f"the sequence-parallel group is broken ({ctx.broken}); restart it")
             try:
                 ctx.send("forward", expert=self.key, tensors=ctx.specs(tensors), attention=attention,
                          sla_topk=sla_topk)
@@ -154,6 +154,9 @@ class ShardedDiT:
                 ctx.forwards += 1
                 return self._forward(tensors["x"], tensors["t"], tensors["context"], tensors["y"],
                                      attention=attention, sla_topk=sla_topk, sp_group=ctx.sp)
+            except Exception as e:
+                ctx.broken = f"{type(e).__name__}: {e}"[:300]
+                raise WorkerBroken(f"a sequence-parallel forward failed ({ctx.broken}); the group must restart") from e
             except BaseException as e:
                 ctx.broken = f"{type(e).__name__}: {e}"[:300]
                 raise
