@@ -30,13 +30,15 @@ def random_dit(arch: str, device: str, dtype: torch.dtype, seed: int):
     return model.set_dtype(dtype).eval().requires_grad_(False)
 
 
-def random_vae(config: str, device: str, seed: int):
-    """Our WanVAE in float32 with lively random weights (gains around one, small biases)."""
+def random_vae(config, device: str = "cpu", seed: int = 0):
+    """Our WanVAE in float32 with lively random weights: RMS gains away from 1 (so a mis-mapped gamma
+    shows), small biases, and an output head scaled so that decoded pixels mostly stay inside [-1, 1]
+    (so the clamp does not hide differences). `config`: a VAE_CONFIGS name or a VAEConfig."""
     from turbodiffusion_core.models.vae import VAE_CONFIGS, WanVAE
 
     torch.manual_seed(seed)
     with torch.device(device):
-        vae = WanVAE(VAE_CONFIGS[config]).eval()
+        vae = WanVAE(VAE_CONFIGS[config] if isinstance(config, str) else config).eval()
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("gamma"):

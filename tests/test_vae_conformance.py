@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.random_models import random_vae
 from turbodiffusion_core.errors import CheckpointMismatch
 from turbodiffusion_core.models.vae import VAE_CONFIGS, VAEConfig, WanVAE, load_vae
 
@@ -23,21 +24,6 @@ SMALL = VAEConfig(dim=16)
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def random_vae(cfg: VAEConfig, seed: int = 0) -> WanVAE:
-    """Random weights with RMS gains away from 1 (so a mis-mapped gamma shows) and an output head
-    scaled so that decoded pixels mostly stay inside [-1, 1] (so the clamp does not hide differences)."""
-    torch.manual_seed(seed)
-    vae = WanVAE(cfg).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-        vae.decoder.head[2].weight.mul_(0.3)
-    return vae
 
 
 @pytest.fixture(scope="module")
