@@ -10,8 +10,8 @@ from torch import nn
 
 
 class QuantizedLinear(nn.Module):
-    """Subclasses register their weight payload buffers in `__init__` (after calling this one) and implement
-    `set_weight(weight)` (quantize a float weight into those buffers), `kernel_forward` (CUDA) and
+    """Subclasses implement `register_weight(device)` (register their weight payload buffers, empty),
+    `set_weight(weight)` (quantize a float weight into them), `kernel_forward` (CUDA) and
     `reference_forward` (anywhere)."""
 
     def __init__(
@@ -28,6 +28,7 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         bias_tensor = torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
         self.register_buffer("bias", bias_tensor)
+        self.register_weight(device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
@@ -44,6 +45,9 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         return module
+
+    def register_weight(self, device: Optional[torch.device | str]) -> None:
+        raise NotImplementedError
 
     def set_weight(self, weight: torch.Tensor) -> None:
         raise NotImplementedError

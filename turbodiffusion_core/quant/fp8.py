@@ -39,20 +39,10 @@ class Fp8Linear(QuantizedLinear):
     (activations quantized per row on the fly); elsewhere the weight-only reference: dequantize the weight
     and multiply in x's dtype."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        device: Optional[torch.device | str] = None,
-        bias_dtype: torch.dtype = torch.bfloat16,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
-        )
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+    def register_weight(self, device: Optional[torch.device | str]) -> None:
+        shape = (self.out_features, self.in_features)
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale", torch.empty(self.out_features, dtype=torch.float32, device=device))
 
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scale = quantize_fp8_rowwise(weight)

@@ -82,19 +82,10 @@ class TileInt8Linear(QuantizedLinear):
     """Drop-in for nn.Linear holding TurboDiffusion's int8 tile-quantized weight (buffers, as in the files).
     The TurboDiffusion W8A8 math: the Triton tile GEMM on the GPU, the PyTorch reference elsewhere."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        device: Optional[torch.device | str] = None,
-        bias_dtype: torch.dtype = torch.bfloat16,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
-        grid = _tile_grid(out_features, in_features)
-        self.register_buffer("int8_weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(grid, dtype=torch.float32, device=device))
+    def register_weight(self, device: Optional[torch.device | str]) -> None:
+        shape = (self.out_features, self.in_features)
+        self.register_buffer("int8_weight", torch.empty(shape, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(_tile_grid(*shape), dtype=torch.float32, device=device))
 
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scale = quantize_tile_int8(weight)
