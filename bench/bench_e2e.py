@@ -3,6 +3,7 @@
     python bench/bench_e2e.py --out bench/results/e2e_h100.json          # about 4-5 minutes on an H100
     python bench/bench_e2e.py --no-i2v --out ...                          # T2V sections only (about 2-3 min)
     python bench/bench_e2e.py --compile --no-i2v --out ...                # + torch.compile of the DiT forward
+    python bench/bench_e2e.py --only t2v_14b,i2v_a14b --budget-s 540 --out ...   # the 14B sections alone
     python bench/bench_e2e.py --smoke --out /tmp/e2e_smoke.json           # tiny shapes on the CPU (script check)
 
 Random weights at the real shapes (no weights can be downloaded), modules built directly in memory on the
@@ -32,6 +33,11 @@ every section, so a run cut short still leaves its results:
    "swap" modes, and the unhidden (synchronous) cost of moving one expert in. The text encoder here is a
    1-layer stand-in at umT5-XXL width (excluded from the memory figures' meaning; see section 5).
 9. compile (only with --compile): the DiT forward under torch.compile (inductor): compile time, e2e.
+10. t2v_14b (with --with-14b or --only t2v_14b): turbowan2.1-t2v-14b-720p shape, 1280x720, 81 frames,
+   4 steps, SLA top-k 0.10, fp8 linears, the real-size umT5-XXL on the GPU: warm-up, then two requests:
+   request start to MP4, stage timings and peak GPU memory.
+
+--only picks sections by name; a section that needs an earlier one's state builds what it needs itself.
 """
 
 from __future__ import annotations
@@ -73,11 +79,12 @@ REAL = dict(
     device="cuda", dtype=torch.bfloat16, t2v_preset="turbowan2.1-t2v-1.3b-480p", t2v_arch="wan2.1-t2v-1.3b",
     vae="wan2.1", t5="umt5-xxl", size="832x480", frames=81, i2v_preset="turbowan2.2-i2v-a14b-720p",
     i2v_arch="wan2.2-i2v-a14b", i2v_image=(1280, 720), quant="fp8", attention="sla", t5_layers=24,
+    t2v14_preset="turbowan2.1-t2v-14b-720p", t2v14_arch="wan2.1-t2v-14b", t2v14_size="1280x720",
 )
 SMOKE = dict(
     device="cpu", dtype=torch.float32, t2v_preset="tiny-t2v", t2v_arch="tiny-t2v", vae="tiny", t5="tiny",
     size="224x128", frames=5, i2v_preset="tiny-i2v", i2v_arch="tiny-i2v", i2v_image=(224, 128), quant="fp8",
-    attention="sla", t5_layers=2,
+    attention="sla", t5_layers=2, t2v14_preset="tiny-t2v", t2v14_arch="tiny-t2v", t2v14_size="224x128",
 )
 
 
@@ -485,6 +492,58 @@ class Bench:
             out["speedup"] = round(total / s["ours_e2e_s"], 1)
         return out
 
+    def t2v_14b(self) -> dict:
+        """14B T2V at 720p, 81 frames, 4 steps, sla + fp8, with the real-size text encoder on the GPU: request
+        start to MP4 and peak GPU memory (issue 6's 14B targets: <= 12 s, <= 40 GB)."""
+        from turbodiffusion_core.quant import quantize_model_linears
+
+        c = self.cfg
+        self.state.pop("pipe", None)
+        free_memory()
+        t5 = self.state.pop("t5", None)
+        if t5 is None:
+            t5 = random_umt5(c["t5"], c["device"], torch.bfloat16 if c["device"] == "cuda" else torch.float32)
+        vae = self.state.get("vae")
+        if vae is None:
+            vae = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
+            if c["device"] == "cuda":
+                vae.use_channels_last()
+        start = time.perf_counter()
+        dit = random_dit(c["t2v14_arch"], c["device"], c["dtype"], seed=20)
+        quantize_model_linears(dit, c["quant"])
+        dit.quant = c["quant"]
+        free_memory()
+        sync()
+        out: dict[str, Any] = {"build_s": round(time.perf_counter() - start, 2),
+                               "dit_params_b": round(count_params(dit) / 1e9, 3)}
+        pipe = VideoPipeline.from_modules(
+            c["t2v14_preset"], text_encoder=text_encoder_from(t5, self.workdir), vae=vae, experts={"dit": dit},
+            device=torch.device(c["device"]), dtype=c["dtype"], attention=c["attention"], quant=c["quant"])
+        start = time.perf_counter()
+        out["warmup_timings"] = pipe.warmup()
+        out["warmup_s"] = round(time.perf_counter() - start, 2)
+        self.save()
+        runs = []
+        reset_peak()
+        for i in range(2):
+            req = self.request(PROMPTS[4 + i], model=c["t2v14_preset"], size=c["t2v14_size"])
+            sync()
+            t0 = time.perf_counter()
+            result = pipe.generate(req, output_dir=self.workdir / f"t14_{i}", stem="video")
+            wall = time.perf_counter() - t0
+            runs.append({"wall_s": wall, "to_mp4_s": wall - result.timings.get("store", 0.0),
+                         "timings": result.timings})
+        out.update({
+            "size": c["t2v14_size"], "frames": c["frames"], "steps": 4, "attention": c["attention"], "sla_topk": 0.10,
+            "quant": c["quant"], "text_encoder": pipe.info().get("text_encoder"),
+            "to_mp4_s_all": [round(r["to_mp4_s"], 3) for r in runs],
+            "to_mp4_s_median": med([r["to_mp4_s"] for r in runs]),
+            "stage_median_s": median_timings([r["timings"] for r in runs]),
+            **peak(),
+        })
+        pipe = dit = t5 = None  # noqa: F841
+        return out
+
     def i2v(self) -> dict:
         from PIL import Image
 
@@ -587,18 +646,34 @@ class Bench:
     # --- driver --------------------------------------------------------------------------------------
     def run(self) -> None:
         a = self.args
-        self.section("build", self.build)
-        self.section("baseline_dit", self.baseline_dit)
-        self.section("vae", self.vae)
+        only = set(a.only.split(",")) if a.only else None
+
+        def want(name: str) -> bool:
+            return only is None or name in only
+
+        t2v_1b = [n for n in ("build", "baseline_dit", "vae", "warmup", "e2e_t5_gpu", "e2e_t5_cpu", "baseline")
+                  if want(n)]
+        if t2v_1b:
+            self.section("build", self.build)
+        if want("baseline_dit"):
+            self.section("baseline_dit", self.baseline_dit)
+        if want("vae"):
+            self.section("vae", self.vae)
         self.state.pop("vae32", None)
-        self.section("warmup", self.pipeline)
+        if want("warmup") or want("e2e_t5_gpu") or want("e2e_t5_cpu"):
+            self.section("warmup", self.pipeline)
         if "pipe" in self.state:
-            self.section("e2e_t5_gpu", self.e2e_t5_gpu)
+            if want("e2e_t5_gpu"):
+                self.section("e2e_t5_gpu", self.e2e_t5_gpu)
             if a.compile:
                 self.section("compile", self.compile_section, need_s=60)
-            self.section("e2e_t5_cpu", self.e2e_t5_cpu)
-        self.section("baseline", self.baseline)
-        if not a.no_i2v:
+            if want("e2e_t5_cpu"):
+                self.section("e2e_t5_cpu", self.e2e_t5_cpu)
+        if want("baseline"):
+            self.section("baseline", self.baseline)
+        if (only is not None and "t2v_14b" in only) or a.with_14b:
+            self.section("t2v_14b", self.t2v_14b, need_s=0 if a.smoke else 120)
+        if not a.no_i2v and want("i2v_a14b"):
             self.section("i2v_a14b", self.i2v, need_s=0 if a.smoke else 150)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.save()
@@ -630,6 +705,13 @@ class Bench:
             ("  diffusers AutoencoderKLWan", get("vae", "diffusers_decode_s"), "s"),
             ("  rel err ours vs diffusers", get("vae", "rel_err_ours_vs_diffusers"), ""),
         ]
+        if "t2v_14b" in s:
+            t = s["t2v_14b"]
+            rows += [
+                ("T2V 14B 720p 81f 4 steps sla+fp8: request -> MP4 (median)", t.get("to_mp4_s_median", "-"), "s"),
+                ("  stages (median)", t.get("stage_median_s", "-"), "s"),
+                ("  peak GPU memory, text encoder on GPU", t.get("peak_allocated_gb", "-"), "GiB"),
+            ]
         if "i2v_a14b" in s:
             i = s["i2v_a14b"]
             rows += [
@@ -659,6 +741,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5, help="back-to-back requests in the e2e section")
     ap.add_argument("--no-i2v", action="store_true", help="skip the Wan2.2 I2V A14B section")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the DiT forward")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated sections to run (build, baseline_dit, vae, warmup, e2e_t5_gpu, e2e_t5_cpu, "
+                         "baseline, t2v_14b, i2v_a14b); default: all of them except t2v_14b (see --with-14b)")
+    ap.add_argument("--with-14b", action="store_true", help="also the 14B T2V 720p section (t2v_14b)")
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="sections that would not finish within this many seconds are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")

@@ -14,6 +14,12 @@ which the API shows on the video.
 The same event keeps one `webhook-id` and a byte-identical body across retries (receivers use the
 id to de-duplicate: delivery is at least once); each attempt gets a fresh timestamp and signature.
 
+Nothing is lost when a webhook worker dies mid-attempt (SIGKILL, OOM, a lost machine): each attempt
+holds a lease in `INFLIGHT` (a sorted set of job id -> deadline) while it runs, and every webhook worker
+sweeps that set (`requeue_abandoned`); an attempt whose deadline passed is logged as "interrupted" and
+queued again as a fresh job, with the same webhook-id and body. RQ itself would notice the dead job only
+after a minute or more and then just mark it failed.
+
 Imports neither torch nor FastAPI: GPU workers import this module to enqueue events.
 """
 
@@ -38,6 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from redis import Redis
 from rq import Queue, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 from server.netguard import HostResolutionError, UnsafeURLError, check_public_url, open_checked
 
@@ -59,6 +67,11 @@ JITTER = 0.2
 lockstep after an outage of the receiver."""
 MAX_RETRY_AFTER_S = 24 * 3600.0
 """A receiver's Retry-After is honoured up to this many seconds."""
+
+INFLIGHT = "td:webhooks:inflight"
+"""Sorted set: RQ job id of each attempt in progress -> unix time after which it counts as abandoned."""
+LEASE_GRACE_S = 5.0
+"""An attempt's lease is twice its HTTP timeout plus this: far past any attempt whose worker is alive."""
 
 LOG_KEY = "td:webhook-log:{video_id}"
 LOG_TTL_S = 7 * 24 * 3600
@@ -191,7 +204,7 @@ def enqueue_event(
     _enqueue(Queue(WEBHOOK_QUEUE, connection=redis_conn), task, run_at=None)
 
 
-def _enqueue(queue: Queue, task: DeliveryTask, run_at: Optional[int]) -> None:
+def _enqueue(queue: Queue, task: DeliveryTask, run_at: Optional[int], job_id: Optional[str] = None) -> None:
     """Put attempt `task["attempt"]` on `queue`, now or at unix time `run_at` (whole seconds:
     RQ's scheduled-job registry keeps no finer times).
 
@@ -200,7 +213,7 @@ def _enqueue(queue: Queue, task: DeliveryTask, run_at: Optional[int]) -> None:
     """
     options: dict[str, Any] = {
         "args": (task,),
-        "job_id": f"{task['webhook_id']}-{task['attempt']}",
+        "job_id": job_id or f"{task['webhook_id']}-{task['attempt']}",
         "description": f"webhook {task['event_type']} {task['video_id']} -> {urlsplit(task['url']).hostname}",
         "job_timeout": int(task["timeout"]) + 30,
         "result_ttl": 3600,
@@ -226,7 +239,11 @@ def deliver(task: DeliveryTask) -> dict[str, Any]:
     job = get_current_job()
     if job is None:
         raise RuntimeError("deliver() runs as an RQ job on the webhook queue; use enqueue_event()")
+    job.connection.zadd(INFLIGHT, {job.id: time.time() + lease_seconds(task)})
     result = _attempt(task)
+    # Still ours unless a sweep judged this attempt abandoned and queued it again: then that copy
+    # carries the delivery on, and this one only records what it saw.
+    owned = bool(job.connection.zrem(INFLIGHT, job.id))
     attempt, schedule = task["attempt"], task["schedule"]
     if result.status_code is not None and 200 <= result.status_code < 300:
         outcome = "delivered"
@@ -255,10 +272,51 @@ def deliver(task: DeliveryTask) -> dict[str, Any]:
         task["event_type"], task["video_id"], urlsplit(task["url"]).hostname, attempt, outcome,
         result.status_code if result.status_code is not None else result.error,
     )
-    if next_retry_at is not None:
+    if next_retry_at is not None and owned:
         queue = Queue(job.origin, connection=job.connection, serializer=job.serializer)
         _enqueue(queue, {**task, "attempt": attempt + 1}, run_at=next_retry_at)
     return entry
+
+
+def lease_seconds(task: DeliveryTask) -> float:
+    return 2 * float(task["timeout"]) + LEASE_GRACE_S
+
+
+def requeue_abandoned(redis_conn: Redis, now: Optional[float] = None) -> list[str]:
+    """Queue again every attempt whose lease ran out (its worker died mid-attempt); returns their job ids.
+
+    Safe to run from several workers at once: ZREM decides which sweeper takes each attempt. The copy
+    is a new RQ job (id suffixed `-r<n>`) with the same task, so the receiver sees the same webhook-id;
+    the dead job is left to RQ, which moves it to its failed registry when it notices.
+    """
+    now = time.time() if now is None else now
+    requeued = []
+    for raw in redis_conn.zrangebyscore(INFLIGHT, 0, now):
+        job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not redis_conn.zrem(INFLIGHT, job_id):
+            continue  # another sweeper took it, or the attempt finished just now
+        try:
+            job = Job.fetch(job_id, connection=redis_conn)
+        except NoSuchJobError:
+            log.warning("abandoned webhook attempt %s has no RQ job left; cannot re-queue it", job_id)
+            continue
+        task: DeliveryTask = job.args[0]
+        base, _, count = job_id.partition("-r")
+        copy_id = f"{base}-r{int(count) + 1 if count.isdigit() else 1}"
+        _record(redis_conn, task, outcome="interrupted",
+                error="the webhook worker stopped during this attempt; queued again")
+        _enqueue(Queue(job.origin, connection=redis_conn, serializer=job.serializer), task, run_at=None,
+                 job_id=copy_id)
+        log.warning("webhook %s for %s: attempt %d was abandoned by a dead worker; queued again as %s",
+                    task["event_type"], task["video_id"], task["attempt"], copy_id)
+        requeued.append(job_id)
+    return requeued
+
+
+def next_lease_deadline(redis_conn: Redis) -> Optional[float]:
+    """The earliest deadline of an attempt in progress, or None when none is."""
+    first = redis_conn.zrange(INFLIGHT, 0, 0, withscores=True)
+    return float(first[0][1]) if first else None
 
 
 class AttemptResult(NamedTuple):

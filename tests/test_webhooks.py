@@ -28,6 +28,7 @@ from server.webhooks import (
     enqueue_event,
     generate_secret,
     parse_retry_after,
+    requeue_abandoned,
     retry_delay,
     sign,
     signed_headers,
@@ -51,7 +52,8 @@ class Receiver:
     """An HTTP endpoint that answers POSTs with scripted statuses (the last one repeats) and keeps
     every request it got."""
 
-    def __init__(self, statuses: list[int], headers: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, statuses: list[int], headers: Optional[dict[str, str]] = None,
+                 hold_first: Optional[threading.Event] = None) -> None:
         self.statuses = list(statuses)
         self.extra_headers = headers or {}
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
@@ -61,6 +63,8 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
+                if hold_first is not None and len(receiver.requests) == 1:
+                    hold_first.wait(30)  # the first request hangs until the test lets it go
                 status = receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
                 self.send_response(status)
                 for name, value in receiver.extra_headers.items():
@@ -261,6 +265,64 @@ def test_cli_subcommand_delivers_in_burst_mode(redis_conn: Redis, capsys: pytest
         assert args.func(args) == 0
     assert len(receiver.requests) == 1
     assert delivery_log(redis_conn, VIDEO["id"])[0]["outcome"] == "delivered"
+
+
+def test_attempt_in_flight_when_its_worker_is_killed_is_delivered_by_another(redis_conn: Redis) -> None:
+    """SIGKILL a webhook worker process while its POST is in flight: the attempt's lease runs out, another
+    worker queues it again, and the receiver gets the event (same webhook-id); the log says what happened."""
+    release = threading.Event()
+    with Receiver([200], hold_first=release) as receiver:
+        _enqueue(redis_conn, receiver, generate_secret(), timeout=1.0)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "turbodiffusion", "webhook-worker", "--log-level", "WARNING",
+             "--redis-url", f"redis://127.0.0.1:6379/{REDIS_DB}"],
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 60
+            while not receiver.requests and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.005)
+            assert receiver.requests, "the webhook worker never sent the first attempt"
+            proc.kill()  # mid-attempt: the receiver is still holding the request
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            release.set()
+        killed_at = time.time()
+        assert run_webhook_worker(redis_conn, burst=True, logging_level="WARNING")
+        assert time.time() - killed_at < 20
+    assert len(receiver.requests) == 2
+    first, second = (headers for headers, _, _ in receiver.requests)
+    assert first["webhook-id"] == second["webhook-id"]
+    assert receiver.requests[0][1] == receiver.requests[1][1]
+    outcomes = [(e["attempt"], e["outcome"]) for e in delivery_log(redis_conn, VIDEO["id"])]
+    assert outcomes == [(1, "interrupted"), (1, "delivered")], outcomes
+    assert _nothing_left(redis_conn) and redis_conn.zcard("td:webhooks:inflight") == 0
+
+
+def test_a_slow_attempt_whose_worker_lives_is_not_duplicated(redis_conn: Redis) -> None:
+    """Another worker's sweep, running all along, leaves an attempt alone while its lease runs: a receiver
+    that answers slowly (but within the timeout) gets exactly one request."""
+    release, done = threading.Event(), threading.Event()
+    swept: list[str] = []
+
+    def sweep_all_along() -> None:
+        while not done.is_set():
+            swept.extend(requeue_abandoned(redis_conn))
+            time.sleep(0.05)
+
+    sweeper = threading.Thread(target=sweep_all_along)
+    with Receiver([200], hold_first=release) as receiver:
+        _enqueue(redis_conn, receiver, generate_secret(), timeout=5.0)
+        threading.Timer(1.5, release.set).start()  # answers after 1.5 s, well inside the 5 s timeout
+        sweeper.start()
+        try:
+            assert run_webhook_worker(redis_conn, burst=True, logging_level="WARNING")
+        finally:
+            done.set()
+            sweeper.join()
+    assert swept == [] and len(receiver.requests) == 1
+    assert [e["outcome"] for e in delivery_log(redis_conn, VIDEO["id"])] == ["delivered"]
 
 
 def test_webhook_modules_import_neither_torch_nor_fastapi() -> None:

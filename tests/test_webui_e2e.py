@@ -123,6 +123,9 @@ def test_create_watch_play_rate_reload_reuse(page, live, artifacts):
     video_id = page.inner_text("#job-id")
     assert video_id.startswith("video_")
 
+    # the sampler runs every 30 ms: let it take one sample after the completed state is rendered
+    page.wait_for_function("window.__seen.length > 0 && window.__seen[window.__seen.length - 1][0] === 100",
+                           timeout=5_000)
     seen = page.evaluate("window.__seen")
     values = [v for v, _ in seen]
     middle = sorted({v for v in values if 0 < v < 100})

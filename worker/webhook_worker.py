@@ -12,7 +12,11 @@ webhook workers can run; one schedules at a time).
 thread the worker installs no signal handlers and times jobs out with a timer instead of SIGALRM;
 stop it there through `stop_event`.
 
-`burst=True` means "drain": deliver everything queued *and* every retry scheduled, then return.
+Between dequeues it also sweeps for attempts abandoned by a dead webhook worker and queues them
+again (server.webhooks.requeue_abandoned), so a delivery survives its worker being killed.
+
+`burst=True` means "drain": deliver everything queued *and* every retry scheduled (and every attempt
+in progress elsewhere, until it ends or is found abandoned), then return.
 That is what tests and one-off flushes want; RQ's own burst mode would quit with retries pending.
 """
 
@@ -33,7 +37,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 
-from server.webhooks import WEBHOOK_QUEUE
+from server.webhooks import WEBHOOK_QUEUE, next_lease_deadline, requeue_abandoned
 
 log = logging.getLogger("turbodiffusion.webhook_worker")
 
@@ -85,11 +89,14 @@ class WebhookWorker(SimpleWorker):
         """
         while not (self._stop_event.is_set() or self._stop_requested):
             self._enqueue_due_retries()
+            requeue_abandoned(self.connection)
             if self._drain:
                 result = super().dequeue_job_and_maintain_ttl(None)
                 if result is not None:
                     return result
-                next_due = self._next_scheduled_time()
+                # an attempt another worker holds is pending work too: it may be abandoned
+                due = [t for t in (self._next_scheduled_time(), next_lease_deadline(self.connection)) if t is not None]
+                next_due = min(due) if due else None
                 if next_due is None:
                     return None
                 self._stop_event.wait(min(self._poll_interval, max(0.05, next_due - time.time())))
