@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from server.webhooks import EVENT_TYPES
 from turbodiffusion_core.spec import GenerationRequest
@@ -70,6 +71,33 @@ class VideoCreateParams(BaseModel):
         None, max_length=4, description="default: video.completed, video.failed"
     )
     metadata: Optional[dict[str, str]] = Field(None, max_length=16, description="up to 16 string pairs, echoed")
+
+
+REMIX_OVERRIDES = ("seed", "steps", "sigma_max", "attention_type", "sla_topk", "ode", "boundary", "negative_prompt",
+                   "guidance_scale", "shift", "priority", "webhook_url", "webhook_events", "metadata")
+"""Create fields a remix may change (each left out keeps the source video's value); model, size, length and
+input image always stay the source's."""
+
+
+def _remix_fields() -> dict[str, Any]:
+    """The override fields with the create body's types and limits, but defaulting to None ("as before")."""
+    fields: dict[str, Any] = {}
+    for name in REMIX_OVERRIDES:
+        info = VideoCreateParams.model_fields[name]
+        fields[name] = (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
+    return fields
+
+
+VideoRemixParams = create_model(
+    "VideoRemixParams",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="""Body of POST /v1/videos/{id}/remix (JSON, as the `openai` SDK sends it): a new prompt for a completed
+    video. The new video keeps the source's model, size, length, generation settings and the seed it used (and,
+    for image-to-video, its input image), so the composition carries over; any field below given a value changes
+    that setting (seed 0 draws a new random seed).""",
+    prompt=(str, Field(min_length=1, max_length=10_000)),
+    **_remix_fields(),
+)
 
 
 class VideoError(BaseModel):

@@ -217,6 +217,7 @@ class Store:
         webhook_events: Optional[list[str]] = None,
         input_image: Optional[str] = None,  # file name inside video_dir(video_id)
         idempotency: Optional[Idempotency] = None,
+        remixed_from: Optional[str] = None,
     ) -> tuple[dict[str, Any], bool]:
         """Write a queued record and its RQ job atomically. Returns (record, created).
 
@@ -241,6 +242,7 @@ class Store:
             "webhook_url": webhook_url,
             "webhook_events": webhook_events,
             "input_image": input_image,
+            "remixed_from": remixed_from,
             "attempt": 1,
             "runs": 0,
             "cancel_requested": False,

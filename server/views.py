@@ -45,7 +45,7 @@ def public_video(
         "seconds": seconds_for_frames(num_frames) if num_frames else None,
         "size": f"{width}x{height}" if width and height else None,
         "error": error,
-        "remixed_from_video_id": None,
+        "remixed_from_video_id": rec.get("remixed_from"),
         # --- extensions ---
         "cancelled": status == "cancelled",
         "queue_position": queue_position if status == "queued" else None,

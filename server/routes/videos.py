@@ -1,4 +1,4 @@
-"""/v1/videos: create, list, retrieve, cancel, delete, download content, follow events.
+"""/v1/videos: create, remix, list, retrieve, cancel, delete, download content, follow events.
 
 The hot reads (retrieve, list, events) are `async` and use server.reads on the async Redis client.
 Writes go through server.store on the synchronous client (RQ has no async API): cancel, delete
@@ -12,15 +12,21 @@ Documented behaviour beyond OpenAI's API:
   `idempotency_key_reused` (not a 409, which the SDK would retry). Keys live TD_IDEMPOTENCY_TTL s.
 - Cancelled videos read `status: "failed"`, `error.code: "cancelled"`, `cancelled: true`.
 - A full queue (TD_MAX_QUEUE per model) answers 429 with Retry-After.
+- POST /{id}/remix {prompt, ...overrides} (OpenAI's remix): a completed video's resolved request with a new
+  prompt and the seed it used; its size (an adaptive I2V size too) and input image carry over.
 - POST /{id}/feedback {rating: 1-5, note} keeps the caller's rating and note on the video (shown
   as `rating` and `note` on the Video object); a field left out is unchanged, null clears it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-from typing import Literal, Optional
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -34,10 +40,10 @@ from server.events import video_events
 from server.images import ReferenceImage, resolve_reference
 from server.reads import CursorError
 from server.schemas import (GENERATION_FIELDS, ImageReference, Video, VideoCreateParams, VideoDeleted,
-                            VideoFeedback, VideoList)
+                            VideoFeedback, VideoList, VideoRemixParams)
 from server.settings import Settings
 from server.store import Idempotency, Store, StoreError, new_video_id
-from server.views import public_video
+from server.views import public_status, public_video
 from server.webhooks import delivery_log
 from turbodiffusion_core import spec
 from turbodiffusion_core.video import MEDIA_TYPES, VARIANTS
@@ -100,12 +106,17 @@ _CREATE_BODY = {
 async def create_video(request: Request, owner: str = Depends(current_owner)):
     settings = request.app.state.settings
     body = await read_create_body(request, settings.max_upload_bytes)
+    idem = _idempotency_key(request)
+    rec, created, view = await run_in_threadpool(_create, request, owner, body, idem)
+    return _respond(request, rec, view, replayed=not created)
+
+
+def _idempotency_key(request: Request) -> Optional[str]:
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise APIError(400, "Idempotency-Key must be 1 to 255 characters", code="invalid_value",
                        param="Idempotency-Key")
-    rec, created, view = await run_in_threadpool(_create, request, owner, body, idem)
-    return _respond(request, rec, view, replayed=not created)
+    return idem
 
 
 def _respond(request: Request, rec: dict, view: dict, replayed: bool = False) -> JSONResponse:
@@ -120,7 +131,7 @@ def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str])
     """Validate against the model, check the queue, store the image, write record + job.
     Returns (record, created, public view)."""
     state = request.app.state
-    settings, store = state.settings, state.store
+    settings = state.settings
     params: VideoCreateParams = body.params
     model = state.catalog.check(params.model)
     preset = spec.get_preset(model)
@@ -136,6 +147,24 @@ def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str])
         raise validation_error(exc) from None
 
     idempotency = Idempotency(idem, body.fingerprint()) if idem else None
+    save_image = (lambda folder: image.save(folder).name) if image else None
+    return _admit(request, owner, resolved, idempotency, save_image, priority=params.priority,
+                  metadata=params.metadata, webhook_url=params.webhook_url, webhook_events=params.webhook_events)
+
+
+def _admit(
+    request: Request,
+    owner: str,
+    resolved: spec.ResolvedRequest,
+    idempotency: Optional[Idempotency],
+    save_image: Optional[Callable[[Path], str]],
+    **record: Any,
+) -> tuple[dict, bool, dict]:
+    """The part of create and remix after validation: Idempotency-Key replay, the queue-full check,
+    the input image into the new video's folder, then record + job. Returns (record, created, view)."""
+    state = request.app.state
+    settings, store = state.settings, state.store
+    model = resolved.model
     if idempotency:
         try:
             earlier = store.replay(owner, idempotency)
@@ -152,27 +181,19 @@ def _create(request: Request, owner: str, body: CreateBody, idem: Optional[str])
 
     video_id = new_video_id()
     # stored by file name: API and workers may mount the storage folder at different paths
-    image_name = image.save(store.video_dir(video_id)).name if image else None
+    image_name = save_image(store.video_dir(video_id)) if save_image else None
     try:
-        rec, created = store.create(
-            video_id=video_id,
-            owner=owner,
-            resolved=resolved,
-            priority=params.priority,
-            metadata=params.metadata,
-            webhook_url=params.webhook_url,
-            webhook_events=params.webhook_events,
-            input_image=image_name,
-            idempotency=idempotency,
-        )
+        rec, created = store.create(video_id=video_id, owner=owner, resolved=resolved, input_image=image_name,
+                                    idempotency=idempotency, **record)
     except StoreError as exc:
         raise APIError(422, exc.message, code=exc.code, param="Idempotency-Key") from None
     finally:
         if image_name and (store.get(video_id) is None):
             store.drop_files(video_id)
     if created:
-        log.info("video %s received: %s %s %s frames, %d steps, priority %s (queue %d)", video_id, model,
-                 resolved.size, resolved.num_frames, resolved.steps, params.priority, depth + 1)
+        log.info("video %s received%s: %s %s %s frames, %d steps, priority %s (queue %d)", video_id,
+                 f" (remix of {record['remixed_from']})" if record.get("remixed_from") else "", model,
+                 resolved.size, resolved.num_frames, resolved.steps, record.get("priority"), depth + 1)
     # a new video has no webhook deliveries yet: skip that read
     return rec, created, _view(request, rec, with_deliveries=not created)
 
@@ -269,6 +290,67 @@ def video_feedback(request: Request, video_id: str, feedback: VideoFeedback, own
     if rec is None:
         raise _not_found(video_id)
     return _respond(request, rec, _view(request, rec))
+
+
+@router.post(
+    "/{video_id}/remix",
+    response_model=Video,
+    summary="Remix a completed video: a new prompt with the same model, size, length, settings and seed",
+    responses={400: {"description": "invalid request, or the video is not completed"},
+               404: {"description": "no such video"}, 429: {"description": "queue full (see Retry-After)"}},
+)
+def remix_video(request: Request, video_id: str, params: VideoRemixParams, owner: str = Depends(current_owner)):
+    idem = _idempotency_key(request)
+    rec, created, view = _remix(request, owner, video_id, params, idem)
+    return _respond(request, rec, view, replayed=not created)
+
+
+def _remix(request: Request, owner: str, source_id: str, params: Any,
+           idem: Optional[str]) -> tuple[dict, bool, dict]:
+    """A new video from a completed one: its resolved request with the new prompt, the seed it actually
+    used, the overrides given, its size kept as it was (an adaptive I2V size included), and a copy of its
+    input image. Recorded with `remixed_from`."""
+    store = request.app.state.store
+    source = _owned(request, source_id, owner)
+    if source["status"] != "completed":
+        raise APIError(400, f"only a completed video can be remixed; {source_id} is {public_status(source['status'])}",
+                       code="invalid_value", param="video_id")
+    model = request.app.state.catalog.check(source["model"])
+    before = spec.ResolvedRequest(**source["resolved"])
+    given = params.model_dump(exclude_none=True)
+    fields: dict[str, Any] = {
+        "prompt": params.prompt, "model": model, "seed": source.get("seed_used") or before.seed,
+        "num_frames": before.num_frames, "steps": before.steps, "sigma_max": before.sigma_max,
+        "attention_type": before.attention_type, "sla_topk": before.sla_topk, "quant": before.quant,
+        "ode": before.ode, "negative_prompt": before.negative_prompt, "guidance_scale": before.guidance_scale,
+        "shift": before.shift,
+    }
+    if before.task == "i2v":
+        fields["boundary"] = before.boundary
+    fields.update({name: value for name, value in given.items() if name in GENERATION_FIELDS})
+    try:
+        resolved = spec.resolve(spec.GenerationRequest(**fields))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    resolved = resolved.model_copy(update={"width": before.width, "height": before.height})
+
+    save_image = None
+    if source.get("input_image"):
+        image = store.video_dir(source_id) / source["input_image"]
+        if not image.is_file():
+            raise APIError(400, f"the input image of {source_id} is no longer stored; create a new video instead",
+                           code="invalid_value", param="video_id")
+
+        def save_image(folder: Path) -> str:
+            folder.mkdir(parents=True, exist_ok=True)
+            return shutil.copy2(image, folder / image.name).name
+
+    fingerprint = hashlib.sha256(
+        json.dumps({"remix_of": source_id, **params.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest()
+    idempotency = Idempotency(idem, fingerprint) if idem else None
+    record = {name: given.get(name, source.get(name)) for name in ("priority", "metadata", "webhook_url",
+                                                                     "webhook_events")}
+    return _admit(request, owner, resolved, idempotency, save_image, remixed_from=source_id, **record)
 
 
 @router.get(
