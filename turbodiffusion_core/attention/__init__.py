@@ -13,7 +13,8 @@ Names (`spec.ATTENTION_TYPES` plus the reference):
 - "original": dense softmax attention through torch SDPA (flash / cuDNN on the GPU).
 - "sla_reference": the pure-PyTorch SLA formula (sla_reference.py), the ground truth for kernels.
 - "sla": SLA through the fused Triton kernel (attention/sla_triton.py) on CUDA; the reference elsewhere.
-- "sagesla": SLA on SpargeAttn's quantized kernels; needs the `spas_sage_attn` package.
+- "sagesla": SLA with the sparse branch on SpargeAttn's INT8-QK / FP8-PV kernels (attention/sagesla.py);
+  needs a CUDA GPU and the `spas_sage_attn` package, and says how to get it when they are missing.
 - "auto": "sla" on CUDA for a model that carries SLA projections (its weights were fine-tuned for it),
   else "original". The choice is logged.
 
@@ -88,7 +89,12 @@ def get_backend(name: str, *, device_type: str = "cpu", has_sla_proj: bool = Fal
 
         return sdpa_attention
     if concrete == "sagesla":
-        raise AttentionUnavailable(_sagesla_unavailable_reason(device_type))
+        reason = _sagesla_unavailable_reason(device_type)
+        if reason is not None:
+            raise AttentionUnavailable(reason)
+        from turbodiffusion_core.attention.sagesla import sagesla
+
+        return sagesla
     from turbodiffusion_core.attention.sla_reference import sla_reference
 
     if concrete == "sla" and device_type == "cuda":
@@ -104,12 +110,22 @@ def get_backend(name: str, *, device_type: str = "cpu", has_sla_proj: bool = Fal
     return sla_reference
 
 
-def _sagesla_unavailable_reason(device_type: str) -> str:
+def _sagesla_unavailable_reason(device_type: str) -> Optional[str]:
+    """Why "sagesla" cannot run on this device type (None when it can), with the way to fix it."""
     if device_type != "cuda":
         return f"attention_type=sagesla runs only on a CUDA GPU with SpargeAttn: {SAGESLA_INSTALL_HINT}"
     if importlib.util.find_spec("spas_sage_attn") is None:
         return f"attention_type=sagesla needs the spas_sage_attn package: {SAGESLA_INSTALL_HINT}"
-    return "attention_type=sagesla is not wired to spas_sage_attn in this version; use attention_type=sla"
+    from turbodiffusion_core.kernels.triton_support import triton_installed
+
+    if not triton_installed():
+        return "attention_type=sagesla needs Triton (pip install triton), or use attention_type=sla"
+    from turbodiffusion_core.attention.sagesla import spas_import_error
+
+    error = spas_import_error()
+    if error is not None:
+        return f"attention_type=sagesla: spas_sage_attn fails to load ({error}); {SAGESLA_INSTALL_HINT}"
+    return None
 
 
 __all__ = [

@@ -20,6 +20,10 @@ Inputs may be any [B, L, H, D] views whose head_dim is contiguous (the q/k/v pro
 Differences from the reference are rounding only: bf16 MMA operands (P, phi(q), phi(k), KV and the
 linear output are rounded to bf16 before their matmuls, as TurboDiffusion's bf16 SLA does) and the
 summation order of the pooled means, which can swap a key block whose score ties another's.
+
+The sagesla backend (attention/sagesla.py) reuses steps 1-2 at SpargeAttn's block sizes (`sla_prepare`
+sums over the smaller block size and merges) and step 3's epilogue alone (`sla_add_linear`, sharing
+`_linear_branch` with the attention kernel) around SpargeAttn's sparse kernel.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ from turbodiffusion_core.kernels.triton_support import autotune
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
+MAP_BLOCK_SIZES = (32, 64, 128)
+"""Query / key block sizes `sla_prepare` accepts (powers of two, so the smaller divides the larger)."""
 PREP_PROGRAMS_PER_SM = 4
 """Prep-kernel programs per SM to aim for: enough in flight to saturate HBM, few partials to sum."""
 
 
 @autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3))],
-    key=["seq_len", "HEAD_DIM", "WITH_LINEAR"],
+    key=["seq_len", "HEAD_DIM", "BLOCK_N", "WITH_LINEAR"],
 )
 @triton.jit
 def _sla_prep_kernel(
@@ -91,6 +97,25 @@ def _sla_prep_kernel(
         part = bh * num_chunks + chunk
         tl.store(kv_part_ptr + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], kv)
         tl.store(ks_part_ptr + part * HEAD_DIM + offs_d, ks)
+
+
+@triton.jit
+def _linear_branch(q, bh, offs_d, kv_ptr, ksum_ptr, w_ptr, bias_ptr, linear_eps,
+                   HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """proj_l(phi(q) KV / (eps + phi(q).ksum)) for a tile q [M, D] of head row `bh`; float32 [M, D]."""
+    qf = q.to(tl.float32)
+    e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
+    phi = e / tl.sum(e, axis=1)[:, None]
+    kv = tl.load(kv_ptr + bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    numer = tl.dot(phi.to(kv.dtype), kv)
+    ksum = tl.load(ksum_ptr + bh * HEAD_DIM + offs_d)
+    denom = tl.sum(phi * ksum[None, :], axis=1) + linear_eps
+    linear = numer / denom[:, None]
+    w_t = tl.load(w_ptr + offs_d[None, :] * HEAD_DIM + offs_d[:, None])  # proj_l.weight^T: [in, out]
+    proj = tl.dot(linear.to(w_t.dtype), w_t)
+    if HAS_BIAS:
+        proj += tl.load(bias_ptr + offs_d)[None, :]
+    return proj
 
 
 @triton.jit
@@ -168,22 +193,40 @@ def _sla_attn_kernel(
     out = acc / l_i[:, None]
 
     if WITH_LINEAR:
-        qf = q.to(tl.float32)
-        e = tl.exp(qf - tl.max(qf, axis=1)[:, None])
-        phi = e / tl.sum(e, axis=1)[:, None]
-        kv = tl.load(kv_ptr + bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-        numer = tl.dot(phi.to(kv.dtype), kv)
-        ksum = tl.load(ksum_ptr + bh * HEAD_DIM + offs_d)
-        denom = tl.sum(phi * ksum[None, :], axis=1) + linear_eps
-        linear = numer / denom[:, None]
-        w_t = tl.load(w_ptr + offs_d[None, :] * HEAD_DIM + offs_d[:, None])  # proj_l.weight^T: [in, out]
-        proj = tl.dot(linear.to(w_t.dtype), w_t)
-        if HAS_BIAS:
-            proj += tl.load(bias_ptr + offs_d)[None, :]
-        out += proj
+        out += _linear_branch(q, bh, offs_d, kv_ptr, ksum_ptr, w_ptr, bias_ptr, linear_eps, HEAD_DIM, HAS_BIAS)
 
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((128, 8), (64, 4))],
+    key=["seq_len", "HEAD_DIM", "HAS_BIAS"],
+)
+@triton.jit
+def _sla_linear_add_kernel(
+    q_ptr, base_ptr, out_ptr, kv_ptr, ksum_ptr, w_ptr, bias_ptr,
+    stride_qb, stride_ql, stride_qh,
+    stride_sb, stride_sl, stride_sh,
+    stride_ob, stride_ol, stride_oh,
+    seq_len, num_heads, linear_eps,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Grid (cdiv(L, BLOCK_M), B*H). out = base + proj_l(linear branch of q): the sla epilogue on its own."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < seq_len
+    rows = offs_m[:, None]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_ql + offs_d[None, :], mask=row_ok, other=0.0)
+    base = tl.load(base_ptr + b * stride_sb + h * stride_sh + rows * stride_sl + offs_d[None, :], mask=row_ok)
+    out = base.to(tl.float32)
+    out += _linear_branch(q, bh, offs_d, kv_ptr, ksum_ptr, w_ptr, bias_ptr, linear_eps, HEAD_DIM, HAS_BIAS)
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @dataclass
@@ -199,16 +242,24 @@ class SLAPrep:
     ksum: Optional[torch.Tensor]
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blkq: int, blkk: int) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
         raise ValueError(f"q, k, v must share one [B, L, H, D] shape, got {shapes}")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_map_blocks(blkq: int, blkk: int) -> None:
+    if blkq not in MAP_BLOCK_SIZES or blkk not in MAP_BLOCK_SIZES:
+        raise ValueError(f"block sizes ({blkq}, {blkk}) unsupported: each must be one of {MAP_BLOCK_SIZES}")
+
+
+def _check_attend_blocks(blkq: int, blkk: int) -> None:
     if blkq != 128 or blkk not in (32, 64, 128):
         raise ValueError(
-            f"block sizes ({blkq}, {blkk}) unsupported: blkq must be 128 (a multiple of every BLOCK_M), "
-            "blkk 32, 64 or 128"
+            f"block sizes ({blkq}, {blkk}) unsupported by the sla kernel: blkq must be 128 (a multiple of every "
+            "BLOCK_M), blkk 32, 64 or 128"
         )
 
 
@@ -240,48 +291,63 @@ def sla_prepare(
     blkq: int = BLKQ,
     blkk: int = BLKK,
 ) -> SLAPrep:
-    """Block map (and, with `with_linear`, the linear branch's KV and ksum) for q, k, v [B, L, H, D]."""
-    _check_inputs(q, k, v, blkq, blkk)
+    """Block map (and, with `with_linear`, the linear branch's KV and ksum) for q, k, v [B, L, H, D].
+
+    Any query / key block sizes of MAP_BLOCK_SIZES (the sla kernel itself takes blkq 128; the sagesla
+    backend uses the block sizes of SpargeAttn's kernels). The prep kernel sums q and k over blocks of the
+    smaller size; query and key blocks are sums of consecutive such blocks.
+    """
+    _check_inputs(q, k, v)
+    _check_map_blocks(blkq, blkk)
     q, k, v = (_head_dim_contiguous(x) for x in (q, k, v))
     batch, length, heads, dim = q.shape
     bh = batch * heads
-    nk = math.ceil(length / blkk)
-    nq = math.ceil(length / blkq)
-    chunks = min(nk, max(1, PREP_PROGRAMS_PER_SM * _num_sms(q.device) // bh))
-    per_chunk = math.ceil(nk / chunks)
-    chunks = math.ceil(nk / per_chunk)
+    grain = min(blkq, blkk)
+    ng = math.ceil(length / grain)
+    nq, nk = math.ceil(length / blkq), math.ceil(length / blkk)
+    chunks = min(ng, max(1, PREP_PROGRAMS_PER_SM * _num_sms(q.device) // bh))
+    per_chunk = math.ceil(ng / chunks)
+    chunks = math.ceil(ng / per_chunk)
 
     f32 = dict(device=q.device, dtype=torch.float32)
-    qsum = torch.empty(bh, nk, dim, **f32)
-    ksum_blocks = torch.empty(bh, nk, dim, **f32)
+    qsum = torch.empty(bh, ng, dim, **f32)
+    ksum_grains = torch.empty(bh, ng, dim, **f32)
     if with_linear:
         kv_part = torch.empty(bh, chunks, dim, dim, **f32)
         ks_part = torch.empty(bh, chunks, dim, **f32)
     else:
         kv_part = ks_part = qsum  # never written: WITH_LINEAR is off
     _sla_prep_kernel[(chunks, bh)](
-        q, k, v, qsum, ksum_blocks, kv_part, ks_part,
+        q, k, v, qsum, ksum_grains, kv_part, ks_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        length, heads, nk, chunks, per_chunk,
-        HEAD_DIM=dim, BLOCK_N=blkk, WITH_LINEAR=with_linear,
+        length, heads, ng, chunks, per_chunk,
+        HEAD_DIM=dim, BLOCK_N=grain, WITH_LINEAR=with_linear,
     )
 
-    # Query blocks: sums of the key-sized block sums they span. Dividing a query block's row of scores by
-    # its (positive) token count would not change which key blocks it keeps, so the division is skipped.
-    ratio = blkq // blkk
-    if nq * ratio != nk:
-        qsum = torch.nn.functional.pad(qsum, (0, 0, 0, nq * ratio - nk))
-    q_blocks = qsum.view(bh, nq, ratio, dim).sum(dim=2)
-    k_mean = ksum_blocks.sum(dim=1, keepdim=True) / length
-    pooled_k = ksum_blocks / _block_counts(length, blkk, q.device) - k_mean  # block means of k - mean_L k
+    # Dividing a query block's row of scores by its (positive) token count would not change which key blocks
+    # it keeps, so query blocks stay sums.
+    q_blocks = _merge_grains(qsum, blkq // grain, nq)
+    k_mean = ksum_grains.sum(dim=1, keepdim=True) / length
+    k_blocks = _merge_grains(ksum_grains, blkk // grain, nk)
+    pooled_k = k_blocks / _block_counts(length, blkk, q.device) - k_mean  # block means of k - mean_L k
     scores = torch.bmm(q_blocks, pooled_k.transpose(1, 2))
     keep = sla_topk_count(topk, nk)
     lut = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
     if not with_linear:
         return SLAPrep(lut=lut, kv=None, ksum=None)
     return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1))
+
+
+def _merge_grains(sums: torch.Tensor, ratio: int, count: int) -> torch.Tensor:
+    """Sums over `ratio` consecutive grains: [BH, grains, D] -> [BH, count, D] (a short tail is zero-padded)."""
+    if ratio == 1:
+        return sums
+    grains = sums.shape[1]
+    if count * ratio != grains:
+        sums = torch.nn.functional.pad(sums, (0, 0, 0, count * ratio - grains))
+    return sums.view(sums.shape[0], count, ratio, sums.shape[2]).sum(dim=2)
 
 
 def sla_attend(
@@ -299,7 +365,8 @@ def sla_attend(
 
     `prep.lut` must be sorted ascending within each query block (as `sla_prepare` makes it).
     """
-    _check_inputs(q, k, v, blkq, blkk)
+    _check_inputs(q, k, v)
+    _check_attend_blocks(blkq, blkk)
     q, k, v = (_head_dim_contiguous(x) for x in (q, k, v))
     batch, length, heads, dim = q.shape
     bh = batch * heads
@@ -332,6 +399,43 @@ def sla_attend(
     return out
 
 
+def sla_add_linear(
+    q: torch.Tensor,
+    base: torch.Tensor,
+    prep: SLAPrep,
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """base + proj_l(linear branch): the sla kernel's epilogue for a sparse branch computed elsewhere.
+
+    q and base are [B, L, H, D] with a contiguous head_dim (base may be a transposed [B, H, L, D] tensor);
+    `prep` must come from `sla_prepare(..., with_linear=True)` on the same q, k, v. Returns a contiguous
+    [B, L, H, D] tensor in q's dtype; the sum is taken in float32 and rounded once.
+    """
+    if base.shape != q.shape:
+        raise ValueError(f"base has shape {tuple(base.shape)}, expected {tuple(q.shape)}")
+    if prep.kv is None or prep.ksum is None:
+        raise ValueError("the prep has no linear-branch state (sla_prepare with with_linear=False)")
+    q, base = _head_dim_contiguous(q), _head_dim_contiguous(base)
+    batch, length, heads, dim = q.shape
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    kv, ksum = prep.kv.contiguous(), prep.ksum.float().contiguous()
+    weight = proj_weight.to(kv.dtype).contiguous()
+    bias = proj_bias.float().contiguous() if proj_bias is not None else ksum
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _sla_linear_add_kernel[grid](
+        q, base, out, kv, ksum, weight, bias,
+        q.stride(0), q.stride(1), q.stride(2),
+        base.stride(0), base.stride(1), base.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        length, heads, LINEAR_EPS,
+        HEAD_DIM=dim, HAS_BIAS=proj_bias is not None,
+    )
+    return out
+
+
 def sla_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -351,4 +455,4 @@ def sla_triton(
     return sla_attend(q, k, v, prep, proj_l.weight, proj_l.bias)
 
 
-__all__ = ["SLAPrep", "sla_attend", "sla_prepare", "sla_triton"]
+__all__ = ["SLAPrep", "sla_add_linear", "sla_attend", "sla_prepare", "sla_triton"]

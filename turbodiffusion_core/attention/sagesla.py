@@ -1,0 +1,210 @@
+"""The `sagesla` backend: SLA's formula with the sparse branch on SpargeAttn's quantized CUDA kernels.
+
+TurboDiffusion's SageSLA (reference/turbodiffusion.md §3.5): the block map and the linear branch are SLA's;
+the block-sparse softmax attention runs on `spas_sage_attn`'s kernels with INT8 q and k (one scale per
+block, k mean-centred first) and V in FP8 e4m3 (one scale per channel) on Ada and Hopper, FP16 V on Ampere.
+For q, k, v [B, L, H, D]:
+
+1. `sla_prepare` (the sla backend's prep kernel) makes the block map at the kernel's block sizes: top-k key
+   blocks per query block, sorted ascending, plus the linear branch's phi(K)^T V and sum phi(K) when the
+   layer has a `proj_l`.
+2. `spas_lut` turns that map into SpargeAttn's look-up table: per query block the first kept key block,
+   then the gap to each next one (delta-encoded), padded to the number of key blocks, and a count of kept
+   blocks. The kernels mask the sequence's partial last key block only in their last iteration, which is
+   right because the indices are ascending.
+3. `spas_sparse_branch` quantizes q, k (SpargeAttn's Triton helper) and v (its fused CUDA ops) and runs
+   the kernel (softmax scale 1/sqrt(D), no causal mask, no PV-skip threshold): O_s as [B, H, L, D].
+4. `sla_add_linear` (the sla kernel's own epilogue) adds proj_l(O_l) and writes [B, L, H, D].
+
+Block sizes. SpargeAttn's kernels have fixed tiles, and a kept block must be exactly one tile: the Hopper
+(sm90) wgmma kernel takes 64 queries x 128 keys, the mma.sync kernels 128 x 64, our `sla`'s block sizes.
+Like TurboDiffusion, the backend uses the fastest kernel of the GPU, so on Hopper its block map is SLA's
+formula at blkq 64 / blkk 128: its reference is `sla_reference(..., blkq=64, blkk=128)`, and it keeps
+floor(topk x L/128) blocks of 128 keys (25 at 480p for topk 0.1, where sla keeps 51 of 64: the same
+density, a coarser map). `sagesla_attention(..., blocks=(128, 64))` runs the fp8 mma.sync kernel instead
+(it runs on Hopper too) and so uses exactly `sla`'s block map.
+
+Needs a CUDA GPU of compute capability 8.0 or newer, head_dim 64 or 128, at least 128 tokens, and a
+`spas_sage_attn` build that has the kernel (see `spas_import_error`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from turbodiffusion_core.attention.sla_triton import SLAPrep, sla_add_linear, sla_prepare
+
+HEAD_DIMS = (64, 128)
+MIN_TOKENS = 128
+HOPPER_BLOCKS = (64, 128)
+"""(query, key) tile of the sm90 wgmma kernel."""
+MMA_BLOCKS = (128, 64)
+"""(query, key) tile of the mma.sync kernels (sm80 fp16 PV, sm89+ fp8 PV)."""
+V_SCALE_MAX = 2.25
+"""FP8 V is scaled per channel to +-2.25 (SageAttention2++'s range, as TurboDiffusion calls it)."""
+_V_PAD = 128
+"""V's token axis is padded to a multiple of this for the fp8 kernels' permuted layout."""
+
+_KERNEL_SM90 = "qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale_sm90"
+_KERNEL_FP8 = "qk_int8_sv_f8_accum_f32_block_sparse_attn_inst_buf_fuse_v_scale"
+_KERNEL_FP16 = "qk_int8_sv_f16_accum_f16_block_sparse_attn_inst_buf"
+_HND = 1  # SpargeAttn's tensor_layout for [B, H, L, D]
+_PER_BLOCK = 1  # its qk_quant_gran for one scale per block
+
+
+@functools.cache
+def _spas() -> tuple[Any, Any, Any]:
+    """SpargeAttn's compiled kernels and its q/k quantizer (imported once)."""
+    import spas_sage_attn._fused as fused
+    import spas_sage_attn._qattn as qattn
+    from spas_sage_attn.utils import get_vanilla_qk_quant
+
+    return qattn, fused, get_vanilla_qk_quant
+
+
+@functools.cache
+def spas_import_error() -> Optional[str]:
+    """None when spas_sage_attn's kernels import here, else why not (for the user-facing error)."""
+    try:
+        _spas()
+    except Exception as exc:  # an ImportError, or a build that does not match this torch / GPU driver
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def native_blocks(device: torch.device) -> tuple[int, int]:
+    """The (query, key) block sizes of the fastest SpargeAttn kernel on this GPU (module docstring)."""
+    return HOPPER_BLOCKS if torch.cuda.get_device_capability(device) == (9, 0) else MMA_BLOCKS
+
+
+def _kernel_for(device: torch.device, blocks: tuple[int, int]) -> tuple[str, bool]:
+    """Name of the SpargeAttn function for these blocks on this GPU, and whether it takes FP8 V."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        raise ValueError(f"sagesla needs compute capability 8.0 or newer, this GPU has {capability}")
+    if blocks == HOPPER_BLOCKS:
+        if capability != (9, 0):
+            raise ValueError(f"blocks {HOPPER_BLOCKS} need SpargeAttn's sm90 kernel; this GPU is sm{capability}")
+        return _KERNEL_SM90, True
+    if blocks != MMA_BLOCKS:
+        raise ValueError(f"blocks {blocks} unsupported: SpargeAttn's kernels take {HOPPER_BLOCKS} or {MMA_BLOCKS}")
+    if capability[0] == 8 and capability[1] < 9:
+        return _KERNEL_FP16, False
+    return _KERNEL_FP8, True
+
+
+def spas_lut(lut: torch.Tensor, batch: int, heads: int, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our sorted kept-block indices [B*H, M, topk] -> SpargeAttn's (lut [B, H, M, K], valid [B, H, M]), int32.
+
+    The kernels start at lut[0] and add lut[i] to reach the i-th kept block, for valid[...] blocks.
+    """
+    bh, num_query_blocks, topk = lut.shape
+    lut = lut.to(torch.int32)
+    deltas = torch.diff(lut, dim=-1, prepend=torch.zeros_like(lut[..., :1]))
+    table = lut.new_zeros(bh, num_query_blocks, num_key_blocks)
+    table[..., :topk] = deltas
+    valid = torch.full((batch, heads, num_query_blocks), topk, dtype=torch.int32, device=lut.device)
+    return table.view(batch, heads, num_query_blocks, num_key_blocks), valid
+
+
+def spas_sparse_branch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    valid: torch.Tensor,
+    blocks: tuple[int, int],
+) -> torch.Tensor:
+    """O_s on SpargeAttn's kernel: q, k, v [B, L, H, D] (fp16 / bf16), its lut / valid -> [B, H, L, D]."""
+    qattn, fused, quantize_qk = _spas()
+    kernel_name, fp8_v = _kernel_for(q.device, blocks)
+    kernel = getattr(qattn, kernel_name, None)
+    if kernel is None:
+        raise RuntimeError(f"this spas_sage_attn build has no {kernel_name}: rebuild it for this GPU's architecture")
+    blkq, blkk = blocks
+    batch, length, heads, dim = q.shape
+    with torch.cuda.device(q.device):
+        qh, kh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        q_int8, q_scale, k_int8, k_scale = quantize_qk(qh, kh, kh.mean(dim=2, keepdim=True), blkq, blkk)
+        out = torch.empty_like(qh)
+        args = (_HND, 0, _PER_BLOCK, 1.0 / math.sqrt(dim))  # layout, is_causal, quant granularity, softmax scale
+        vh = v.transpose(1, 2)  # [B, H, L, D] view: the kernels read V through its strides
+        if not fp8_v:
+            kernel(q_int8, k_int8, vh.to(torch.float16), out, lut, valid, q_scale, k_scale, *args)
+            return out
+        padded = math.ceil(length / _V_PAD) * _V_PAD
+        v_permuted = torch.empty(batch, heads, dim, padded, dtype=v.dtype, device=v.device)
+        fused.transpose_pad_permute_cuda(vh, v_permuted, _HND)
+        v_fp8 = torch.empty(v_permuted.shape, dtype=torch.float8_e4m3fn, device=v.device)
+        v_scale = torch.empty(batch, heads, dim, dtype=torch.float32, device=v.device)
+        fused.scale_fuse_quant_cuda(v_permuted, v_fp8, v_scale, length, V_SCALE_MAX, _HND)
+        kernel(q_int8, k_int8, v_fp8, out, lut, valid, q_scale, k_scale, v_scale, *args)
+    return out
+
+
+def _check(q: torch.Tensor, blocks: tuple[int, int]) -> None:
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"sagesla takes [B, L, H, D] with head_dim in {HEAD_DIMS}, got {tuple(q.shape)}")
+    if q.shape[1] < MIN_TOKENS:
+        raise ValueError(f"sagesla needs at least {MIN_TOKENS} tokens (SpargeAttn's limit), got {q.shape[1]}")
+    if blocks not in (HOPPER_BLOCKS, MMA_BLOCKS):
+        raise ValueError(f"blocks {blocks} unsupported: SpargeAttn's kernels take {HOPPER_BLOCKS} or {MMA_BLOCKS}")
+
+
+def sagesla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    proj_l: Optional[nn.Linear] = None,
+    topk: float = 0.1,
+    blocks: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """SageSLA for q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype (module docstring).
+
+    `blocks` = (query, key) block sizes, by default the GPU's fastest kernel's (`native_blocks`).
+    `proj_l=None` means SLA's zero-initialised projection: the sparse branch alone, returned as a
+    [B, L, H, D] view of a [B, H, L, D] tensor (`reshape` copies it); with proj_l the result is contiguous.
+    """
+    blocks = tuple(blocks) if blocks is not None else native_blocks(q.device)
+    _check(q, blocks)
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # the kernels take 16-bit inputs (TurboDiffusion: bf16)
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    blkq, blkk = blocks
+    prep: SLAPrep = sla_prepare(q, k, v, topk, with_linear=proj_l is not None, blkq=blkq, blkk=blkk)
+    batch, length, heads, _ = q.shape
+    lut, valid = spas_lut(prep.lut, batch, heads, math.ceil(length / blkk))
+    sparse = spas_sparse_branch(q, k, v, lut, valid, blocks).transpose(1, 2)
+    if proj_l is None:
+        return sparse.to(dtype)
+    return sla_add_linear(q, sparse, prep, proj_l.weight, proj_l.bias).to(dtype)
+
+
+def sagesla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    proj_l: Optional[nn.Linear] = None,
+    topk: float = 0.1,
+) -> torch.Tensor:
+    """The `sagesla` attention backend (the common signature): `sagesla_attention` at the GPU's blocks."""
+    return sagesla_attention(q, k, v, proj_l=proj_l, topk=topk)
+
+
+__all__ = [
+    "HOPPER_BLOCKS",
+    "MMA_BLOCKS",
+    "native_blocks",
+    "sagesla",
+    "sagesla_attention",
+    "spas_import_error",
+    "spas_lut",
+    "spas_sparse_branch",
+]
