@@ -113,14 +113,24 @@ def test_int8_tile_gemm_matches_reference(rows, inner, outer):
 
 
 @on_cpu
-def test_int8_tile_linear_is_a_drop_in_for_the_module():
+def test_int8_tile_linear_is_a_drop_in_for_the_module(monkeypatch):
+    monkeypatch.setenv("TD_INT8_KERNEL", "tile")  # else the module holds the per-channel layout here
     x = activations(96, 256, dtype=torch.float16, outlier=False).view(3, 32, 256)
     weight, bias = linear_weights(128, 256)
     module = TileInt8Linear.from_linear(_linear(weight, bias))
     out = qk.int8_tile_linear(x, module.int8_weight, module.scale, module.bias)
-    assert out.shape == (3, 32, 128) and out.dtype == torch.float16
+    assert not module.per_channel and out.shape == (3, 32, 128) and out.dtype == torch.float16
     assert rel_err(out, module(x)) < 2e-3
     assert rel_err(out, F.linear(x.float(), weight, bias.float())) < 5e-2
+
+
+def test_fp8_fast_accumulation_is_the_default(monkeypatch):
+    monkeypatch.delenv("TD_FP8_EXACT_ACCUM", raising=False)
+    assert qk.fp8_fast_accum_default()
+    monkeypatch.setenv("TD_FP8_EXACT_ACCUM", "1")
+    assert not qk.fp8_fast_accum_default()
+    monkeypatch.setenv("TD_FP8_EXACT_ACCUM", "0")
+    assert qk.fp8_fast_accum_default()
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:

@@ -1,4 +1,5 @@
-"""Tile-int8 (TurboDiffusion W8A8) and fp8 references: rounding, error bounds, exact tile math, key names."""
+"""Tile-int8 (TurboDiffusion W8A8), per-channel int8 and fp8 references: rounding, error bounds, exact math,
+key names, the int8 layout switch and TD_INT8_KERNEL."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,11 +15,17 @@ from turbodiffusion_core.models.dit import WanModel
 from turbodiffusion_core.quant import (
     Fp8Linear,
     TileInt8Linear,
+    channel_int8_from_tiles,
+    dequantize_int8_rowwise,
     dequantize_tile_int8,
+    int8_kernel_choice,
+    quantize_int8_rowwise,
     quantize_model_linears,
     quantize_tile_int8,
+    w8a8_rowcol_reference,
     w8a8_tile_reference,
 )
+from turbodiffusion_core.quant.rowcol_int8 import int8_matmul_exact
 
 QUANT_KEYS = Path(__file__).parent / "data" / "keys" / "turbowan2.1-t2v-1.3b-480p-quant.json"
 
@@ -121,4 +129,83 @@ def test_quantized_tiny_dit_stays_close_to_float() -> None:
     with torch.no_grad():
         reference = model(x, t, context)
         quantize_model_linears(model, "int8")
+        assert rel_err(model(x, t, context), reference) < 5e-2
+
+
+# ------------------------------------------------------------------ per-channel ("rowcol") int8 layout
+
+
+def test_int8_matmul_exact_is_exact_with_extreme_values() -> None:
+    gen = torch.Generator().manual_seed(5)
+    q_a = torch.randint(-128, 128, (33, 700), generator=gen, dtype=torch.int8)
+    q_b = torch.randint(-128, 128, (21, 700), generator=gen, dtype=torch.int8)
+    q_a[0], q_b[0] = -128, -128  # the largest dot product: 700 * 2^14
+    out = int8_matmul_exact(q_a, q_b)
+    assert out.dtype == torch.int32 and out[0, 0] == 700 * 128 * 128
+    assert torch.equal(out.long(), q_a.long() @ q_b.long().t())
+
+
+def test_rowwise_int8_rounding_floor_and_scale() -> None:
+    x = torch.zeros(2, 8)
+    x[0, :6] = torch.tensor([2.5, 3.5, -2.5, 127.0, -127.0, 0.4])  # amax 127 -> scale 1, q = round(x)
+    q, scale = quantize_int8_rowwise(x)
+    assert scale.shape == (2,) and scale[0] == 1.0 and torch.allclose(scale[1], torch.tensor(1e-8 / 127))
+    assert q[0, :6].tolist() == [2, 4, -2, 127, -127, 0] and q[1].abs().sum() == 0
+    w = torch.randn(40, 300, generator=torch.Generator().manual_seed(6)) * torch.logspace(-2, 1, 40)[:, None]
+    q, scale = quantize_int8_rowwise(w)
+    assert q.abs().max() == 127 and (q == -128).sum() == 0
+    assert ((dequantize_int8_rowwise(q, scale) - w).abs() <= 0.5 * scale[:, None] * (1 + 1e-5)).all()
+
+
+def test_w8a8_rowcol_reference_is_the_scaled_integer_product() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x, w, bias = torch.randn(2, 35, 200, generator=gen), torch.randn(90, 200, generator=gen), torch.randn(90)
+    q_w, s_w = quantize_int8_rowwise(w)
+    q_a, s_a = quantize_int8_rowwise(x.reshape(70, 200))
+    expected = (q_a.double() @ q_w.double().t()) * s_a.double()[:, None] * s_w.double() + bias.double()
+    out = w8a8_rowcol_reference(x, q_w, s_w, bias)
+    assert out.shape == (2, 35, 90) and rel_err(out.reshape(70, 90), expected) < 1e-6
+
+
+def test_per_channel_module_on_cpu_and_its_checkpoint_layout(monkeypatch) -> None:
+    monkeypatch.setenv("TD_INT8_KERNEL", "rowcol")
+    torch.manual_seed(8)
+    linear = nn.Linear(320, 200)
+    x = torch.randn(4, 64, 320)
+    layer = TileInt8Linear.from_linear(linear)
+    assert not layer.per_channel  # no GPU kernel here: the module keeps TurboDiffusion's tiles
+    tiles = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to_per_channel()
+    assert layer.per_channel and layer.scale.shape == (200,) and "per_channel" in repr(layer)
+    q_ch, s_ch = channel_int8_from_tiles(tiles["int8_weight"], tiles["scale"])
+    with torch.no_grad():
+        assert torch.equal(layer(x), w8a8_rowcol_reference(x, q_ch, s_ch, layer.bias))
+        assert rel_err(layer(x), linear(x)) < 3e-2
+    saved = layer.state_dict()
+    assert {k: (v.dtype, v.shape) for k, v in saved.items()} == {k: (v.dtype, v.shape) for k, v in tiles.items()}
+    assert rel_err(dequantize_tile_int8(saved["int8_weight"], saved["scale"]), linear.weight.detach()) < 2e-2
+    layer.load_state_dict(tiles)
+    assert not layer.per_channel and torch.equal(layer.int8_weight, tiles["int8_weight"])
+
+
+def test_int8_kernel_choice_reads_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("TD_INT8_KERNEL", raising=False)
+    assert int8_kernel_choice() == "tile"
+    monkeypatch.setenv("TD_INT8_KERNEL", " RowCol ")
+    assert int8_kernel_choice() == "rowcol"
+    monkeypatch.setenv("TD_INT8_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="rowcol, tile"):
+        int8_kernel_choice()
+
+
+def test_per_channel_tiny_dit_stays_close_to_float() -> None:
+    torch.manual_seed(4)
+    model = WanModel("tiny-t2v").eval()
+    x, context, t = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 4, 32), torch.tensor([700.0])
+    with torch.no_grad():
+        reference = model(x, t, context)
+        quantize_model_linears(model, "int8")
+        for module in model.modules():
+            if isinstance(module, TileInt8Linear):
+                module.to_per_channel()
         assert rel_err(model(x, t, context), reference) < 5e-2

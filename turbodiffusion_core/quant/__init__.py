@@ -3,6 +3,11 @@
 Which layers: exactly TurboDiffusion's choice (reference/turbodiffusion.md §4): every nn.Linear inside
 `model.blocks` except SLA's `proj_l`, i.e. self_attn.{q,k,v,o}, cross_attn.{q,k,v,o}, ffn.0, ffn.2.
 Embeddings, time projection, head, norms and modulation stay in floating point.
+
+Mode "int8" loads TurboDiffusion's `-quant` files (128x128 tile scales) into `TileInt8Linear`; on the GPU it
+runs either a per-channel int8 GEMM on a once re-quantized weight (TD_INT8_KERNEL=rowcol) or
+TurboDiffusion's tile math (TD_INT8_KERNEL=tile, the default); tile_int8.py explains the choice. Mode "fp8" is our own
+load-time e4m3 quantization (fp8.py).
 """
 
 from __future__ import annotations
@@ -10,9 +15,16 @@ from __future__ import annotations
 from torch import nn
 
 from turbodiffusion_core.quant.fp8 import Fp8Linear, dequantize_fp8_rowwise, quantize_fp8_rowwise
+from turbodiffusion_core.quant.rowcol_int8 import (
+    channel_int8_from_tiles,
+    dequantize_int8_rowwise,
+    quantize_int8_rowwise,
+    w8a8_rowcol_reference,
+)
 from turbodiffusion_core.quant.tile_int8 import (
     TileInt8Linear,
     dequantize_tile_int8,
+    int8_kernel_choice,
     quantize_tile_int8,
     w8a8_tile_reference,
 )
@@ -47,10 +59,15 @@ __all__ = [
     "Fp8Linear",
     "QUANT_LINEAR_CLASSES",
     "TileInt8Linear",
+    "channel_int8_from_tiles",
     "dequantize_fp8_rowwise",
+    "dequantize_int8_rowwise",
     "dequantize_tile_int8",
+    "int8_kernel_choice",
     "quantize_fp8_rowwise",
+    "quantize_int8_rowwise",
     "quantize_model_linears",
     "quantize_tile_int8",
+    "w8a8_rowcol_reference",
     "w8a8_tile_reference",
 ]

@@ -36,8 +36,8 @@ def dequantize_fp8_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 class Fp8Linear(QuantizedLinear):
     """Drop-in for nn.Linear with an e4m3 weight and per-output-channel scales (buffers). W8A8 on the GPU
-    (activations quantized per row on the fly); elsewhere the weight-only reference: dequantize the weight
-    and multiply in x's dtype."""
+    (activations quantized per row on the fly; fast accumulation unless TD_FP8_EXACT_ACCUM=1, see
+    quant/kernels.py); elsewhere the weight-only reference: dequantize the weight and multiply in x's dtype."""
 
     def register_weight(self, device: Optional[torch.device | str]) -> None:
         shape = (self.out_features, self.in_features)

@@ -12,11 +12,30 @@ and the product is Y[m, n] = sum over K tiles kb of sA[m/128, kb] * sW[n/128, kb
 What is here is the exact PyTorch reference of that math (the CPU path and the ground truth for a
 fused GPU kernel): per K tile, the int8 dot products are computed as float32 matmuls of integers, which
 are exact because a 128-term sum of int8 products stays below 2^24.
+
+Which int8 kernel runs on the GPU: environment variable TD_INT8_KERNEL, read when a module's weight is
+set or loaded on the GPU and when a module still holding tiles runs there.
+- `rowcol`: the per-channel layout of quant/rowcol_int8.py, a plain int8 GEMM with int32
+  accumulation over the whole K (quant/rowcol_kernels.py) and activations quantized per token. A
+  `TileInt8Linear` that meets it re-quantizes its weight once, on the device: the tiles are dequantized
+  and each output channel is quantized again (`to_per_channel`). That rewrites `int8_weight` in place and
+  replaces `scale` by one float32 per output channel, so the GPU holds one int8 copy, as before. Loading
+  a state dict whose tensors land on the GPU does it at once; a float weight set on the GPU is quantized
+  per channel directly (one rounding instead of two).
+- `tile` (the default until rowcol is timed on a GPU): TurboDiffusion's own math, the Triton tile GEMM of
+  quant/kernels.py.
+The layout is a property of the buffers (`scale` 2-D: tiles; 1-D: per channel), so a module whose
+tensors were swapped for copies taken earlier (residency.py moves experts that way) is re-quantized
+again when it next runs. Once per channel, a module keeps that layout and runs the rowcol math whatever
+TD_INT8_KERNEL says (the tile values are gone); on the CPU its reference is `w8a8_rowcol_reference`.
+The state dict always has the checkpoint layout: a per-channel module writes its weight re-quantized
+into 128x128 tiles (close to, not bit-equal with, the tiles it was loaded from).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -28,6 +47,10 @@ TILE = 128
 INT8_QMAX = 128.0
 """Divisor of amax: TurboDiffusion scales to +-128 and lets +128 saturate to 127."""
 AMAX_FLOOR = 1e-8
+INT8_KERNEL_ENV = "TD_INT8_KERNEL"
+INT8_KERNELS = ("rowcol", "tile")
+DEFAULT_INT8_KERNEL = "tile"
+"""The GPU-measured kernel stays the default until the rowcol one is timed on an H100 (bench/check_kernels.py)."""
 
 
 def _tile_grid(rows: int, cols: int) -> tuple[int, int]:
@@ -78,24 +101,110 @@ def w8a8_tile_reference(
     return out.to(x.dtype).reshape(*lead, out_features)
 
 
+def int8_kernel_choice() -> str:
+    """TD_INT8_KERNEL: "tile" (default) or "rowcol" (see the module docstring)."""
+    choice = os.environ.get(INT8_KERNEL_ENV, "").strip().lower() or DEFAULT_INT8_KERNEL
+    if choice not in INT8_KERNELS:
+        raise ValueError(f"{INT8_KERNEL_ENV}={choice!r}; choose one of {', '.join(INT8_KERNELS)}")
+    return choice
+
+
 class TileInt8Linear(QuantizedLinear):
     """Drop-in for nn.Linear holding TurboDiffusion's int8 tile-quantized weight (buffers, as in the files).
-    The TurboDiffusion W8A8 math: the Triton tile GEMM on the GPU, the PyTorch reference elsewhere."""
+    On the GPU the rowcol or the tile kernel (TD_INT8_KERNEL, module docstring), elsewhere the reference
+    of the layout the module holds."""
 
     def register_weight(self, device: Optional[torch.device | str]) -> None:
         shape = (self.out_features, self.in_features)
         self.register_buffer("int8_weight", torch.empty(shape, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(_tile_grid(*shape), dtype=torch.float32, device=device))
+        self._reset_tile_scale(device)
+
+    def _reset_tile_scale(self, device: Optional[torch.device | str]) -> None:
+        grid = _tile_grid(self.out_features, self.in_features)
+        self.register_buffer("scale", torch.empty(grid, dtype=torch.float32, device=device))
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether the weight is held per output channel (rowcol) rather than in 128x128 tiles."""
+        return self.scale.dim() == 1
+
+    @staticmethod
+    def _rowcol_runs_on(tensor: torch.Tensor) -> bool:
+        """Whether forward would run the rowcol kernel on this tensor's device (as `QuantizedLinear.forward`
+        decides: CUDA with Triton)."""
+        from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+        return tensor.is_cuda and kernels_usable(tensor) and int8_kernel_choice() == "rowcol"
 
     def set_weight(self, weight: torch.Tensor) -> None:
+        from turbodiffusion_core.quant.rowcol_int8 import quantize_int8_rowwise
+
+        if self._rowcol_runs_on(self.int8_weight):
+            q, scale = quantize_int8_rowwise(weight)
+            self.int8_weight.copy_(q)
+            self._set_channel_scale(scale)
+            return
+        if self.per_channel:
+            self._reset_tile_scale(self.scale.device)
         q, scale = quantize_tile_int8(weight)
         self.int8_weight.copy_(q)
         self.scale.copy_(scale)
 
+    def _set_channel_scale(self, scale: torch.Tensor) -> None:
+        with torch.inference_mode(False):  # a normal tensor: it outlives any inference_mode forward
+            self.scale = scale.to(device=self.int8_weight.device, dtype=torch.float32).clone()
+
+    @torch.no_grad()
+    def to_per_channel(self) -> None:
+        """Re-quantize the tile weight per output channel, in place (no-op if it already is)."""
+        from turbodiffusion_core.quant.rowcol_int8 import channel_int8_from_tiles
+
+        if self.per_channel:
+            return
+        q, scale = channel_int8_from_tiles(self.int8_weight, self.scale)
+        if self.int8_weight.is_inference() and not torch.is_inference_mode_enabled():
+            self.int8_weight = q  # an inference tensor can only be rewritten inside inference_mode
+        else:
+            self.int8_weight.copy_(q)  # in place: the storage may be a view into a residency buffer
+        self._set_channel_scale(scale)
+
     def kernel_forward(self, x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+        if not self.per_channel and int8_kernel_choice() == "rowcol":
+            self.to_per_channel()
+        if self.per_channel:
+            from turbodiffusion_core.quant.rowcol_kernels import int8_rowcol_linear
+
+            return int8_rowcol_linear(x, self.int8_weight, self.scale, self.bias, act=act)
         from turbodiffusion_core.quant.kernels import int8_tile_linear
 
         return int8_tile_linear(x, self.int8_weight, self.scale, self.bias, act=act)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            from turbodiffusion_core.quant.rowcol_int8 import w8a8_rowcol_reference
+
+            return w8a8_rowcol_reference(x, self.int8_weight, self.scale, self.bias)
         return w8a8_tile_reference(x, self.int8_weight, self.scale, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        """Always the checkpoint layout: a per-channel weight is written re-quantized into tiles."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.per_channel:
+            from turbodiffusion_core.quant.rowcol_int8 import dequantize_int8_rowwise
+
+            with torch.no_grad():
+                q, scale = quantize_tile_int8(dequantize_int8_rowwise(self.int8_weight, self.scale))
+            destination[prefix + "int8_weight"] = q
+            destination[prefix + "scale"] = scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Files hold tiles: take the tile layout back first; on the GPU with rowcol, convert after."""
+        if self.per_channel:
+            self._reset_tile_scale(self.scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.scale.dim() == 2 and self._rowcol_runs_on(self.int8_weight):
+            self.to_per_channel()
+
+    def extra_repr(self) -> str:
+        layout = "per_channel" if self.per_channel else "tiles"
+        return f"{super().extra_repr()}, layout={layout}"

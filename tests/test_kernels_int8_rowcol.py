@@ -1,0 +1,234 @@
+"""The per-channel ("rowcol") int8 path: Triton row quantizer and GEMM against their exact PyTorch
+reference, the quantization error against the float linear, and `TileInt8Linear`'s choice of kernel
+(TD_INT8_KERNEL) with its `-quant` state-dict round trip.
+
+CPU: the `on_cpu` tests run in the shared Triton-interpreter process (tests/kernel_support.py), where the
+kernels run on CPU tensors and `TileInt8Linear` takes its GPU path. GPU (`on_gpu`): the same checks at a
+realistic width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from tests.kernel_support import check_interpreter_run, on_cpu, on_gpu, rel_err  # noqa: E402
+
+from turbodiffusion_core.quant import rowcol_kernels as rk  # noqa: E402
+from turbodiffusion_core.quant.rowcol_int8 import (  # noqa: E402
+    channel_int8_from_tiles,
+    quantize_int8_rowwise,
+    w8a8_rowcol_reference,
+)
+from turbodiffusion_core.quant.tile_int8 import (  # noqa: E402
+    TileInt8Linear,
+    quantize_tile_int8,
+    w8a8_tile_reference,
+)
+
+
+def test_cpu_kernels_in_interpreter():
+    """This file's CPU tests, run in the shared Triton-interpreter process (see tests/kernel_support.py)."""
+    check_interpreter_run(__file__)
+
+
+def activations(rows: int, cols: int, device: str = "cpu", dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows plus an all-zero row and a tiny row (the amax floor and a huge 127/amax)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen, device=device) * 3
+    x[1] = 0.0
+    x[2] *= 1e-5
+    return x.to(dtype)
+
+
+def weights(out_features: int, in_features: int, device: str = "cpu", seed: int = 1):
+    gen = torch.Generator(device).manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen, device=device) * 0.05
+    bias = torch.randn(out_features, generator=gen, device=device) * 0.1
+    return weight, bias.to(torch.bfloat16)
+
+
+def tile_state(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A `-quant` checkpoint's tensors for one linear."""
+    q, scale = quantize_tile_int8(weight)
+    return {"bias": bias.clone(), "int8_weight": q, "scale": scale}
+
+
+@on_cpu
+@pytest.mark.parametrize("rows, cols", [(37, 200), (5, 2100)])  # one read; two chunked reads (K > BLOCK_K)
+def test_int8_row_quantizer_matches_reference_exactly(rows, cols):
+    x = activations(rows, cols).view(1, rows, cols)
+    q, scale = rk.quantize_rows_int8(x)
+    ref_q, ref_scale = quantize_int8_rowwise(x.view(rows, cols))
+    assert q.dtype == torch.int8 and q.shape == (rows, cols) and scale.shape == (rows,)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q, ref_q)
+    assert q.abs().max() == 127 and q[1].abs().sum() == 0
+
+
+@on_cpu
+@pytest.mark.parametrize("cols", [96, 2100])
+def test_int8_row_quantizer_with_fused_gelu(cols):
+    x = activations(16, cols, dtype=torch.float32)
+    q, scale = rk.quantize_rows_int8(x, act="gelu_tanh")
+    ref_q, ref_scale = quantize_int8_rowwise(F.gelu(x, approximate="tanh"))
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    assert (q.int() - ref_q.int()).abs().max() <= 1  # GELU's last-bit differences may move a rounding
+    assert (q == ref_q).float().mean() > 0.99
+    with pytest.raises(ValueError, match="activation"):
+        rk.quantize_rows_int8(x, act="relu")
+
+
+@on_cpu
+@pytest.mark.parametrize("rows, inner, outer", [(200, 256, 192), (70, 64, 48), (130, 320, 200)])
+def test_rowcol_gemm_equals_reference(rows, inner, outer):
+    """Ragged M and N, K a multiple of 128 or not: the same float steps as the reference, so equal bits."""
+    x = activations(rows, inner, dtype=torch.float32)
+    weight, bias = weights(outer, inner)
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    q_act, a_scale = rk.quantize_rows_int8(x)
+    out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32)
+    ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+    assert out.shape == (rows, outer)
+    assert torch.equal(out, ref)
+    no_bias = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, out_dtype=torch.float32)
+    assert rel_err(no_bias, ref - bias.float()) < 1e-5
+
+
+@on_cpu
+def test_every_autotune_config_gives_the_same_result(monkeypatch):
+    """The interpreter launches an autotuned kernel with its first config; here each config in turn."""
+    from turbodiffusion_core.quant import kernels as qk
+
+    x = activations(9, 2100, dtype=torch.float32)
+    ref_q, ref_scale = quantize_int8_rowwise(x)
+    for config in rk.ROWQUANT_CONFIGS:  # BLOCK_K below and above K: the chunked and the one-read path
+        monkeypatch.setattr(rk._int8_rowquant_kernel, "config", config)
+        q, scale = rk.quantize_rows_int8(x)
+        assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale), config
+
+    for inner in (320, 384):  # K a multiple of some BLOCK_K (64; 64 and 128), not of the others
+        x = activations(70, inner, dtype=torch.float32)  # M and N ragged for every block size
+        weight, bias = weights(72, inner)
+        q_act, a_scale = quantize_int8_rowwise(x)
+        q_weight, w_scale = quantize_int8_rowwise(weight)
+        ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+        for config in rk.GEMM_CONFIGS:
+            monkeypatch.setattr(rk._int8_rowcol_gemm_kernel, "config", config)
+            out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32)
+            assert torch.equal(out, ref), config
+        q_tiles, tile_scale = quantize_tile_int8(weight)
+        q_act, act_scale = quantize_tile_int8(x)
+        ref = w8a8_tile_reference(x, q_tiles, tile_scale, bias)
+        for config in qk.TILE_GEMM_CONFIGS:
+            monkeypatch.setattr(qk._int8_tile_gemm_kernel, "config", config)
+            out = qk.int8_tile_matmul(q_act, act_scale, q_tiles, tile_scale, bias, out_dtype=torch.float32)
+            assert rel_err(out, ref) < 1e-6, config
+
+
+@on_cpu
+def test_rowcol_linear_stays_near_the_float_linear():
+    x = activations(96, 320, dtype=torch.bfloat16).view(3, 32, 320)
+    weight, bias = weights(200, 320)
+    dense = F.linear(x.float(), weight, bias.float())
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    out = rk.int8_rowcol_linear(x, q_weight, w_scale, bias)
+    assert out.shape == (3, 32, 200) and out.dtype == torch.bfloat16
+    assert rel_err(out, dense) < 3e-2
+    # the released checkpoints' path: tiles re-quantized per channel (two roundings of the weight)
+    q_tiles, tile_scale = quantize_tile_int8(weight)
+    out_tiles = rk.int8_rowcol_linear(x, *channel_int8_from_tiles(q_tiles, tile_scale), bias)
+    assert rel_err(out_tiles, dense) < 3e-2
+
+
+@on_cpu
+@pytest.mark.parametrize("assign", [False, True])
+def test_quant_state_dict_round_trip_with_rowcol(monkeypatch, assign):
+    """Load a -quant linear's tensors, run the GPU path, get the checkpoint layout back from state_dict()."""
+    monkeypatch.setenv("TD_INT8_KERNEL", "rowcol")
+    weight, bias = weights(150, 200)
+    state = tile_state(weight, bias)
+    layer = TileInt8Linear(200, 150)
+    layer.load_state_dict({k: v.clone() for k, v in state.items()}, assign=assign)
+    assert not layer.per_channel  # a CPU load keeps the tiles (on CUDA the load converts at once)
+    x = activations(40, 200, dtype=torch.float32)  # float32 out: the interpreter truncates to bf16
+    out = layer.kernel_forward(x, None)  # what forward runs on a GPU: converts, then the rowcol kernel
+    assert layer.per_channel and layer.scale.shape == (150,)
+    q_ch, s_ch = channel_int8_from_tiles(state["int8_weight"], state["scale"])
+    assert torch.equal(layer.int8_weight, q_ch) and torch.equal(layer.scale, s_ch)
+    assert torch.equal(out, w8a8_rowcol_reference(x, q_ch, s_ch, bias))
+    assert torch.equal(layer(x), out)  # the CPU forward follows the layout: the same math
+    assert rel_err(out, F.linear(x.float(), weight, bias.float())) < 3e-2
+
+    saved = layer.state_dict()
+    assert {k: (v.dtype, v.shape) for k, v in saved.items()} == {k: (v.dtype, v.shape) for k, v in state.items()}
+    assert torch.equal(saved["bias"], state["bias"])
+    assert rel_err(w8a8_tile_reference(x, saved["int8_weight"], saved["scale"]),
+                   w8a8_tile_reference(x, state["int8_weight"], state["scale"])) < 2e-2
+    layer.load_state_dict(saved)  # back in: the tile layout again
+    assert not layer.per_channel and torch.equal(layer.int8_weight, saved["int8_weight"])
+
+
+@on_cpu
+def test_int8_kernel_selection(monkeypatch):
+    monkeypatch.setenv("TD_INT8_KERNEL", "tile")
+    weight, bias = weights(150, 200)
+    state = tile_state(weight, bias)
+    layer = TileInt8Linear(200, 150)
+    layer.load_state_dict(state)
+    x = activations(40, 200, dtype=torch.float32)  # float32 out: the interpreter truncates to bf16
+    out = layer.kernel_forward(x, None)
+    assert not layer.per_channel
+    assert rel_err(out, w8a8_tile_reference(x, state["int8_weight"], state["scale"], bias)) < 1e-2
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())  # the file's bits
+    monkeypatch.setenv("TD_INT8_KERNEL", "rowcol")  # the same module converts on its next GPU forward
+    out = layer.kernel_forward(x, None)
+    assert layer.per_channel
+    q_ch, s_ch = channel_int8_from_tiles(state["int8_weight"], state["scale"])
+    assert torch.equal(out, w8a8_rowcol_reference(x, q_ch, s_ch, bias))
+    monkeypatch.setenv("TD_INT8_KERNEL", "int4")
+    with pytest.raises(ValueError, match="TD_INT8_KERNEL"):
+        TileInt8Linear(200, 150).kernel_forward(x, None)
+
+
+@on_gpu
+@pytest.mark.gpu
+def test_gpu_rowcol_matches_reference_and_both_kernels_run(monkeypatch):
+    x = activations(1000, 1536, device="cuda")
+    weight, bias = weights(1024, 1536, device="cuda")
+    dense = F.linear(x.float(), weight, bias.float())
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    q_act, a_scale = rk.quantize_rows_int8(x)
+    ref_q, ref_scale = quantize_int8_rowwise(x)
+    mismatch = float((q_act != ref_q).float().mean())
+    out = rk.int8_rowcol_linear(x, q_weight, w_scale, bias)
+    ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+    gelu_q, gelu_scale = rk.quantize_rows_int8(x, act="gelu_tanh")
+    gelu_ref_q, gelu_ref_scale = quantize_int8_rowwise(F.gelu(x.float(), approximate="tanh"))
+    print("rowcol:", dict(mismatch=mismatch, err=rel_err(out, ref), vs_bf16=rel_err(out, dense)))
+    assert mismatch < 1e-3 and rel_err(a_scale, ref_scale) < 1e-6
+    assert rel_err(out, ref) < 1e-2 and rel_err(out, dense) < 3e-2
+    assert float((gelu_q != gelu_ref_q).float().mean()) < 1e-2 and rel_err(gelu_scale, gelu_ref_scale) < 1e-5
+
+    linear = torch.nn.Linear(1536, 1024, device="cuda")
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    monkeypatch.setenv("TD_INT8_KERNEL", "rowcol")
+    direct = TileInt8Linear.from_linear(linear)  # a float weight on the GPU: quantized per channel at once
+    assert direct.per_channel and torch.equal(direct.int8_weight, q_weight) and torch.equal(direct.scale, w_scale)
+
+    state = tile_state(weight, bias)
+    for choice, per_channel in (("tile", False), ("rowcol", True)):
+        monkeypatch.setenv("TD_INT8_KERNEL", choice)
+        layer = TileInt8Linear(1536, 1024, device="cuda")
+        layer.load_state_dict(state)
+        assert layer.per_channel == per_channel  # converted by the load itself
+        out = layer(x)
+        assert rel_err(out, dense) < 3e-2
+        assert {k: (v.dtype, v.shape) for k, v in layer.state_dict().items()} == {
+            k: (v.dtype, v.shape) for k, v in state.items()
+        }

@@ -1,0 +1,214 @@
+"""GPU path of the per-channel ("rowcol") int8 linear: a Triton row quantizer and an int8 GEMM.
+
+`quantize_rows_int8` is `rowcol_int8.quantize_int8_rowwise` for activations [..., K]: one float32 scale per
+row (amax/127, floor 1e-8), x*127/amax rounded half-to-even and clamped to [-127, 127], with GELU(tanh)
+optionally applied first (the FFN down projection quantizes the up projection's output without a
+separate GELU pass). Rows up to BLOCK_K wide are read once; wider rows are read twice in BLOCK_K chunks
+(amax, then quantize; the second read mostly hits L2). The autotuner picks the chunking per K.
+
+`int8_rowcol_matmul` is `rowcol_int8.w8a8_rowcol_reference` after the quantization: one int32 `tl.dot`
+chain over the whole K (the tensor cores accumulate, nothing is converted inside the loop), then the
+epilogue float32(acc) * sA[m] * sW[n] + bias -> output dtype. Under Triton's interpreter both kernels
+equal the reference bit for bit; on the GPU the compiler may fuse a multiply and an add into one FMA
+(one rounding instead of two), which can move a quantizer rounding tie or an output's last float32 bit.
+
+Tiles are Hopper-sized (128x128 to 128x256, 8 warps, 3-4 stages, grouped tile order); both operands
+are read K-contiguous, the layout int8 wgmma needs. Triton keeps a wgmma asynchronous across loop
+iterations only for float32 accumulators, so an int32 one waits for its MMA at every K step;
+configurations small enough for two CTAs per SM let one CTA's MMA run while the other waits, and long
+K steps (128-256) make the waits rarer. The autotuner chooses per (M, N, K).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from turbodiffusion_core.kernels.jit_math import gelu_tanh, rint
+from turbodiffusion_core.kernels.triton_support import autotune
+from turbodiffusion_core.quant.kernels import _check_activation, _flat_rows
+from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR, MAX_K
+
+
+@triton.jit
+def _load_row_chunk(x_row, cols, mask, GELU: tl.constexpr):
+    x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = gelu_tanh(x)
+    return x
+
+
+@triton.jit
+def _quantize_chunk(x, inv):
+    """x * (127/amax) rounded half-to-even, clamped to [-127, 127], as int8."""
+    q = rint(x * inv[:, None])
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
+ROWQUANT_CONFIGS = [
+    triton.Config({"BLOCK_K": bk, "ROWS": rows}, num_warps=w)
+    for bk, rows, w in ((2048, 2, 4), (1024, 4, 4), (2048, 4, 8), (4096, 1, 8), (16384, 1, 16))
+]
+
+
+@autotune(configs=ROWQUANT_CONFIGS, key=["n_cols", "GELU"])
+@triton.jit
+def _int8_rowquant_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, amax_floor,
+    GELU: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Grid cdiv(M, ROWS): ROWS rows per program -> int8 rows and float32 scales amax/127."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    x_row = x_ptr + rows64[:, None] * stride_x
+    q_row = q_ptr + rows64[:, None] * stride_q
+    cols = tl.arange(0, BLOCK_K)
+    qmax = tl.full([ROWS], 127.0, tl.float32)
+    if n_cols <= BLOCK_K:  # the whole row in registers: one read
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = _load_row_chunk(x_row, cols, mask, GELU)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
+        tl.store(q_row + cols[None, :], _quantize_chunk(x, tl.math.div_rn(qmax, amax)), mask=mask)
+    else:  # amax over the chunks, then quantize them (second read from L2)
+        amax = tl.full([ROWS], amax_floor, tl.float32)
+        for start in range(0, n_cols, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+            x = _load_row_chunk(x_row + start, cols, mask, GELU)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        inv = tl.math.div_rn(qmax, amax)
+        for start in range(0, n_cols, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+            x = _load_row_chunk(x_row + start, cols, mask, GELU)
+            tl.store(q_row + start + cols[None, :], _quantize_chunk(x, inv), mask=mask)
+    tl.store(scale_ptr + rows, tl.math.div_rn(amax, qmax), mask=row_ok)
+
+
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        # two CTAs per SM (<= 113 KB shared memory, <= 128 registers a thread): see the module docstring
+        (128, 128, 128, 8, 3),
+        (128, 128, 64, 8, 4),
+        (64, 128, 128, 4, 4),
+        # one CTA per SM, bigger tiles or longer K steps
+        (128, 128, 128, 8, 4),
+        (128, 256, 128, 8, 3),
+        (128, 256, 128, 8, 4),
+        (256, 128, 128, 8, 3),
+        (128, 256, 64, 8, 4),
+        (128, 128, 256, 8, 3),
+        (128, 128, 64, 4, 4),
+    )
+]
+
+
+@autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _int8_rowcol_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_wn, stride_cm,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = float(qA . qW^T) * sA[:, None] * sW[None, :] (+ bias), int32 accumulation, grouped order."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_m = offs_m % M  # wrapped rows/cols compute garbage that the store masks out
+    safe_n = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + safe_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + safe_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for kt in tl.range(0, tl.cdiv(K, BLOCK_K)):  # software-pipelined over num_stages
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = kt * BLOCK_K + offs_k < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    a_scale = tl.load(a_scale_ptr + safe_m)
+    w_scale = tl.load(w_scale_ptr + safe_n)
+    out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def quantize_rows_int8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [M, K], float32 scale [M]): `quantize_int8_rowwise` of act(x), M = x.numel() / K."""
+    gelu = _check_activation(act)
+    flat = _flat_rows(x)
+    rows, cols = flat.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
+    _int8_rowquant_kernel[grid](flat, q, scale, rows, cols, flat.stride(0), q.stride(0), AMAX_FLOOR, GELU=gelu)
+    return q, scale
+
+
+def int8_rowcol_matmul(
+    q_act: torch.Tensor,
+    act_scale: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """int8 [M, K] (row scales [M]) x int8 [N, K]^T (channel scales [N]) (+ bias [N]) -> [M, N] in out_dtype."""
+    rows, inner = q_act.shape
+    out_features = q_weight.shape[0]
+    if q_weight.shape[1] != inner or act_scale.numel() != rows or weight_scale.numel() != out_features:
+        raise ValueError("activation, weight and their scales disagree on the shapes")
+    if inner > MAX_K:
+        raise ValueError(f"K={inner} could overflow the int32 accumulator (at most {MAX_K})")
+    q_act, q_weight = q_act.contiguous(), q_weight.contiguous()
+    act_scale = act_scale.reshape(-1).float().contiguous()
+    weight_scale = weight_scale.reshape(-1).float().contiguous()
+    out = torch.empty(rows, out_features, dtype=out_dtype, device=q_act.device)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_rowcol_gemm_kernel[grid](
+        q_act, act_scale, q_weight, weight_scale, bias if bias is not None else act_scale, out,
+        rows, out_features, inner,
+        q_act.stride(0), q_weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+def int8_rowcol_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    act: Optional[str] = None,
+) -> torch.Tensor:
+    """`w8a8_rowcol_reference(act(x), ...)` on the GPU: row-quantize x, int8 GEMM -> [..., N] in x's dtype."""
+    q_act, act_scale = quantize_rows_int8(x, act)
+    out = int8_rowcol_matmul(q_act, act_scale, q_weight, weight_scale, bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], q_weight.shape[0])
+
+
+__all__ = ["int8_rowcol_linear", "int8_rowcol_matmul", "quantize_rows_int8"]
