@@ -190,6 +190,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def assert_same_video(a, b, what: str = "") -> None:
+    """Two MP4 encodes of the same frames, decoded: the same video up to encoder noise.
+
+    libx264 does not always code identical frames identically within one process (the first encode of a
+    process and later ones can differ in a few macroblocks: about 4% of pixels, mean |diff| ~0.2 on the
+    tiny model's noisy frames), so decoded MP4s are compared with a bound that a different video (another
+    seed: mean ~18) is far from. The frames themselves are compared exactly where a test has them.
+    """
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    diff = np.abs(a - b)
+    assert diff.mean() < 1.0 and (diff > 0).mean() < 0.15, (what, float(diff.mean()), float((diff > 0).mean()))
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""):
     """Poll until predicate() is truthy; return its value or fail the test after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -20,6 +20,8 @@ from turbodiffusion_core.video import (
     write_thumbnail,
 )
 
+from tests.conftest import assert_same_video
+
 T, H, W = 17, 96, 160
 
 
@@ -78,7 +80,7 @@ def test_streaming_writer_matches_whole_clip(frames, tmp_path):
     streamed = read_video_frames(writer.path)
     whole = read_video_frames(write_mp4(frames, tmp_path / "whole.mp4"))
     assert streamed.shape == (T, H, W, 3)
-    np.testing.assert_array_equal(streamed, whole)
+    assert_same_video(streamed, whole, "streamed vs whole clip")
 
 
 def test_streaming_writer_removes_partial_file_on_error(frames, tmp_path):
@@ -169,4 +171,4 @@ def test_vae_chunks_stream_into_mp4(tmp_path):
     # identical to encoding the whole decoded clip at once (random weights give pixel noise, which
     # H.264 does not keep, so compare against the same encoder rather than the raw frames)
     whole = write_mp4(frames_to_uint8(vae.decode(latent)), tmp_path / "whole.mp4")
-    np.testing.assert_array_equal(back, read_video_frames(whole))
+    assert_same_video(back, read_video_frames(whole), "VAE chunks streamed vs whole clip")
