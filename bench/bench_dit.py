@@ -2,6 +2,9 @@
 
     python bench/bench_dit.py --out bench/results/dit_h100.json [--with-14b] [--configs original,sla,sla+fp8]
 
+A config is attention[+quant]: attention original / sla / sagesla, quant fp8 / int8 / int8-tile / int8-rowcol
+(the last two choose the int8 GPU kernel, TD_INT8_KERNEL).
+
 Random weights (none can be downloaded), the same weights in both implementations, one 81-frame video
 latent at 480p (32,760 tokens; 720p: 75,600), batch 1, bf16, medians of CUDA-event timings after warm-up.
 Each configuration also reports its output's relative error against diffusers' output, peak memory, and
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -89,9 +93,13 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
     for config in configs:
         attention, _, quant = config.partition("+")
         quant = quant or None
+        variant = quant  # int8-rowcol / int8-tile also pick the int8 GPU kernel (TD_INT8_KERNEL)
+        if quant and quant.startswith("int8-"):
+            quant = "int8"
+            os.environ["TD_INT8_KERNEL"] = variant.split("-", 1)[1]  # read when the weights are quantized
         row = {"impl": "ours", "arch": arch, "res": res, "tokens": tokens, "config": config}
         try:
-            if quant != current_quant:
+            if variant != current_quant:
                 if current_quant is not None:  # quantization is one-way: rebuild from the same seed
                     del model
                     gc.collect()
@@ -99,7 +107,7 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
                     model = random_dit(arch, "cuda", torch.bfloat16, seed=1)
                 if quant:
                     quantize_model_linears(model, quant)
-                current_quant = quant
+                current_quant = variant
             with torch.inference_mode():
                 fwd = lambda: model(x, t, context, y=y, attention=attention, sla_topk=0.1)  # noqa: E731
                 torch.cuda.reset_peak_memory_stats()

@@ -208,3 +208,17 @@ def _arg_default(dockerfile: Path, name: str) -> str:
         if word == "ARG" and rest.startswith(name + "="):
             return rest.split("=", 1)[1]
     raise AssertionError(f"{dockerfile.name} has no ARG {name}=<default>")
+
+
+def test_gpu_runbook_parses_and_handles_every_documented_step() -> None:
+    """bench/gpu_runs.sh is what a GPU session runs: bash accepts it, every step its header lists has a
+    branch, and without a step it prints its usage and exits 2 (before installing anything)."""
+    script = ROOT / "bench" / "gpu_runs.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    header = text.split("set -uo pipefail")[0]
+    documented = set(re.findall(r"^#   (\w+)  ", header, flags=re.M))
+    handled = set(re.findall(r"^  (\w+)\)$", text, flags=re.M))
+    assert documented and documented == handled, (documented, handled)
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "kernels" in usage.stdout

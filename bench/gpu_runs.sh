@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU measurements and GPU tests, one named step per call, each sized to finish in under 10 minutes
+# on one H100 (sp: two or more GPUs). Results (JSON + log) go to OUT (default: $OUT, else /tmp/gpu_runs).
+#
+#   bash bench/gpu_runs.sh STEP [STEP ...]
+#
+#   kernels  GPU tests of every Triton kernel (SLA, int8 tile + rowcol, fp8, fused norms/RoPE, the fused DiT
+#            block) and bench/check_kernels.py at the 1.3B 480p shapes                         (~5 min)
+#   sagesla  build spas_sage_attn from .sage/SpargeAttn (.sage/build_sagesla.sh; carry .sage), run its GPU
+#            tests and check_kernels.py --only sla (sagesla rows beside sla)                    (~6 min)
+#   dit      bench_dit.py, 1.3B 480p: diffusers vs original / sla x bf16 / fp8 / int8-tile / int8-rowcol,
+#            and sagesla when spas_sage_attn imports                                            (~3 min)
+#   dit14b   bench_dit.py --configs "" --with-14b: the 14B DiT at 480p and 720p                 (~5 min)
+#   e2e      bench_e2e.py, the 1.3B T2V sections (request -> MP4, VAE vs diffusers, baseline)  (~3 min)
+#   e2e14b   bench_e2e.py --only t2v_14b,i2v_a14b: 14B T2V 720p and the I2V A14B experts      (~7 min)
+#   sp       bench_sp.py --counts 1,N for the GPUs present: 14B 720p sequence parallel          (~6 min)
+#
+# Python packages the GPU image lacks (diffusers, av, ftfy, pydantic, ...) are installed from .whl/ when
+# that folder was carried (see README, "Benchmarks").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+OUT_DIR=${OUT:-/tmp/gpu_runs}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+step() {
+  local name=$1
+  shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee -a "$OUT_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc"
+  return "$rc"
+}
+
+run_step() {
+  case "$1" in
+  kernels)
+    # every CUDA test of these files (the CPU ones skip themselves; their interpreter run is CI's job)
+    step kernels python3 -m pytest --noconftest -q -rfEs -k "not in_interpreter" tests/test_kernels_sla.py \
+      tests/test_kernels_quant.py tests/test_kernels_int8_rowcol.py tests/test_kernels_fused.py \
+      tests/test_dit_fused_gpu.py tests/test_vae_conformance.py
+    step kernels python3 bench/check_kernels.py --out "$OUT_DIR/kernels_h100.json"
+    ;;
+  sagesla)
+    step sagesla bash .sage/build_sagesla.sh .sage/SpargeAttn /tmp/site || return 1
+    step sagesla python3 -m pytest --noconftest -q -rfEs -s -k "not in_interpreter" tests/test_sagesla.py
+    step sagesla python3 bench/check_kernels.py --only sla --out "$OUT_DIR/kernels_sla_h100.json"
+    ;;
+  dit)
+    local configs="original,sla,sla+fp8,sla+int8-tile,sla+int8-rowcol,original+fp8"
+    python3 -c "import spas_sage_attn" 2>/dev/null && configs="$configs,sagesla,sagesla+fp8"
+    step dit python3 bench/bench_dit.py --configs "$configs" --out "$OUT_DIR/dit_h100.json"
+    ;;
+  dit14b)
+    step dit14b python3 bench/bench_dit.py --configs "" --with-14b --configs-14b original,sla+fp8,sla+int8-rowcol \
+      --out "$OUT_DIR/dit14b_h100.json"
+    ;;
+  e2e)
+    step e2e python3 bench/bench_e2e.py --no-i2v --requests 3 --budget-s 400 --out "$OUT_DIR/e2e_h100.json"
+    ;;
+  e2e14b)
+    step e2e14b python3 bench/bench_e2e.py --only t2v_14b,i2v_a14b --budget-s 520 --out "$OUT_DIR/e2e14b_h100.json"
+    ;;
+  sp)
+    local n
+    n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    step sp python3 bench/bench_sp.py --counts "1,$n" --out "$OUT_DIR/sp_h100.json"
+    ;;
+  *)
+    echo "unknown step $1 (see the top of $0)" >&2
+    return 2
+    ;;
+  esac
+}
+
+status=0
+for name in "$@"; do
+  run_step "$name" || status=1
+done
+exit $status
