@@ -193,17 +193,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def assert_same_video(a, b, what: str = "") -> None:
     """Two MP4 encodes of the same frames, decoded: the same video up to encoder noise.
 
-    libx264 does not always code identical frames identically within one process (the first encode of a
-    process and later ones can differ in a few macroblocks: about 4% of pixels, mean |diff| ~0.2 on the
-    tiny model's noisy frames), so decoded MP4s are compared with a bound that a different video (another
-    seed: mean ~18) is far from. The frames themselves are compared exactly where a test has them.
+    libx264 does not always code identical frames identically within one process (measured here: mean
+    |diff| 0.16 and PSNR ~39 dB between two encodes of the tiny model's noisy frames, mean 0.41 / ~50 dB on
+    a smooth gradient), so decoded MP4s are compared with bounds that a different video (another seed:
+    mean ~18, ~21 dB) is far from. The frames themselves are compared exactly where a test has them.
     """
     import numpy as np
 
-    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, (what, a.shape, b.shape)
-    diff = np.abs(a - b)
-    assert diff.mean() < 1.0 and (diff > 0).mean() < 0.15, (what, float(diff.mean()), float((diff > 0).mean()))
+    mean_abs = float(np.abs(a - b).mean())
+    mse = float(((a - b) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    assert mean_abs < 1.0 and psnr > 30.0, (what, mean_abs, psnr)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""):
