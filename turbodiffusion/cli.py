@@ -50,7 +50,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--sigma-max", type=float, help="initial rCM sigma (default 80 T2V, 200 I2V)")
     p.add_argument("--attention", default=None, choices=spec.ATTENTION_TYPES, help="attention backend (default auto)")
     p.add_argument("--sla-topk", type=float, help="fraction of key blocks SLA keeps (0.05 draft, 0.10 default, 0.15 quality)")
-    p.add_argument("--quant", choices=spec.QUANT_MODES, help="quantized linears: int8 (TurboDiffusion -quant format) or fp8")
+    p.add_argument("--quant", choices=(*spec.QUANT_MODES, "auto"),
+                   help="quantized linears: int8 (TurboDiffusion -quant format), fp8, none (bf16), or auto (bf16 if "
+                        "it fits in free GPU memory beside the text encoder, else fp8/int8; see `turbodiffusion plan`)")
     p.add_argument("--ode", action="store_true", help="deterministic ODE sampling instead of SDE (I2V)")
     p.add_argument("--boundary", type=float, help="I2V: switch to the low-noise expert below this RF time (0.5-1.0, default 0.9)")
     p.add_argument("--adaptive-resolution", action="store_true", help="I2V: keep the image's aspect ratio at the preset's area")
@@ -76,7 +78,8 @@ def _cmd_generate(args) -> int:
         request = spec.GenerationRequest(
             prompt=args.prompt, model=args.model, seed=args.seed, num_frames=args.num_frames, seconds=args.seconds,
             resolution=args.resolution, aspect_ratio=args.aspect_ratio, size=args.size, steps=args.steps,
-            sigma_max=args.sigma_max, attention_type=args.attention, sla_topk=args.sla_topk, quant=args.quant,
+            sigma_max=args.sigma_max, attention_type=args.attention, sla_topk=args.sla_topk,
+            quant=None if args.quant == "auto" else args.quant,
             ode=args.ode, boundary=args.boundary, adaptive_resolution=args.adaptive_resolution,
             negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, shift=args.shift,
         )
@@ -166,6 +169,44 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="what each preset becomes on a GPU of a given size (quantization, text encoder, experts)",
+        description="For each GPU memory size, what a worker with --quant auto, TD_TEXT_ENCODER=auto and "
+                    "TD_EXPERT_RESIDENCY=auto would choose for each preset, with the weights on the GPU and the "
+                    "estimated peak (weights + the working-memory reserve). Weight sizes are exact; the peak is "
+                    "an estimate calibrated on the 1.3B 480p measurement. Loads nothing.",
+    )
+    p.add_argument("--gpu-gb", default="16,24,40,80", help="comma-separated free GPU memory sizes in GiB "
+                                                           "(default %(default)s)")
+    p.add_argument("--model", action="append", choices=[k for k in spec.PRESETS if not spec.PRESETS[k].tiny],
+                   help="preset(s) to plan (default: every non-tiny preset)")
+    p.add_argument("--no-fp8", action="store_true", help="a GPU without fp8 (before Ada/Hopper): int8 instead")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    from turbodiffusion_core.memory_plan import plan
+
+    try:
+        sizes = [float(s) for s in args.gpu_gb.split(",") if s.strip()]
+    except ValueError:
+        print(f"error: --gpu-gb takes numbers like 16,24,40; got {args.gpu_gb!r}", file=sys.stderr)
+        return 2
+    models = args.model or [k for k, p in spec.PRESETS.items() if not p.tiny]
+    rows = [plan(m, gb, fp8_ok=not args.no_fp8) for m in models for gb in sizes]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    width = max(len(r.model) for r in rows)
+    print(f"{'model'.ljust(width)}  GPU GB  quant  text enc.  experts    weights GB  peak GB (est.)  fits")
+    for r in rows:
+        print(f"{r.model.ljust(width)}  {r.gpu_gb:>6g}  {(r.quant or 'bf16'):5}  {r.text_encoder:9}  "
+              f"{r.expert_residency:9}  {r.weights_gb:>10.1f}  {r.peak_gb:>14.1f}  {'yes' if r.fits else 'NO'}")
+    return 0
+
+
 def _add_download(sub) -> None:
     p = sub.add_parser(
         "download", help="download the files a preset needs from the Hugging Face Hub (resumable)",
@@ -210,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
     _add_models(sub)
+    _add_plan(sub)
     _add_download(sub)
     for module in _REGISTERED:
         try:

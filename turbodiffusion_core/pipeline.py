@@ -230,6 +230,24 @@ def _uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
+def _auto_quant(preset: spec.Preset, device: torch.device, reserve_gb: Optional[float]) -> tuple[Optional[str], str]:
+    from .memory_plan import choose_quant, dit_bytes, text_encoder_bytes, vae_bytes
+
+    if device.type != "cuda":
+        return None, "not a GPU"
+    fp8_ok = torch.cuda.get_device_capability(device) >= (8, 9)
+    free = free_device_bytes(device)
+    vae = vae_bytes("tiny" if preset.tiny else "wan2.1")
+    quant, why = choose_quant("auto", expert_bf16=dit_bytes(preset.arch, None),
+                              expert_quantized=dit_bytes(preset.arch, "fp8" if fp8_ok else "int8"),
+                              text_encoder=text_encoder_bytes("tiny" if preset.tiny else "umt5-xxl"),
+                              free_bytes=None if free is None else free - vae,
+                              reserve_bytes=reserve_bytes_for(preset, reserve_gb), fp8_ok=fp8_ok,
+                              experts=2 if preset.task == "i2v" else 1)
+    log.info("%s: quant=auto chose %s (%s)", preset.id, quant or "none (bf16)", why)
+    return quant, why
+
+
 @dataclass
 class LoadPlan:
     """What loading a preset on a device resolves to: dtype, quantization and the files (checked present;
@@ -241,10 +259,15 @@ class LoadPlan:
     dtype: torch.dtype
     quant: Optional[str]
     paths: dict[str, Path]
+    quant_reason: str = "configured"
 
     @classmethod
     def prepare(cls, model_id: str, models_dir: Optional[Path], device: torch.device,
-                dtype: Optional[torch.dtype] = None, quant: Optional[str] = None) -> "LoadPlan":
+                dtype: Optional[torch.dtype] = None, quant: Optional[str] = None,
+                reserve_gb: Optional[float] = None) -> "LoadPlan":
+        """quant: None / "none" (bf16), "int8", "fp8", or "auto": bf16 when the first expert, the text
+        encoder and the working reserve fit in the free GPU memory, else fp8 (int8 before Ada/Hopper);
+        memory_plan.py has the rules and their table."""
         preset = spec.get_preset(model_id)
         models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
         if dtype is None:
@@ -253,6 +276,9 @@ class LoadPlan:
             # Random or decaying activations reach subnormal floats, which x86 CPUs process ~100x slower.
             torch.set_flush_denormal(True)
         quant = None if quant == "none" else quant
+        quant_reason = "configured" if quant else "default"
+        if quant == "auto":
+            quant, quant_reason = _auto_quant(preset, device, reserve_gb)
         if preset.tiny:
             from .tiny import ensure_tiny_files
 
@@ -263,7 +289,7 @@ class LoadPlan:
                 f"{preset.id}: missing model files: {', '.join(missing)}. "
                 f"Run `turbodiffusion download {preset.id} --models-dir {models_dir}` first."
             )
-        return cls(preset, device, dtype, quant, preset_paths(preset, models_dir))
+        return cls(preset, device, dtype, quant, preset_paths(preset, models_dir), quant_reason)
 
     @property
     def expert_roles(self) -> dict[str, str]:
@@ -323,6 +349,7 @@ class VideoPipeline:
         self.load_seconds = 0.0
         self.warmup_seconds: Optional[float] = None
         self.text_encoder_reason = text_encoder_reason
+        self.quant_reason = "as given"
         self.reserve_bytes = reserve_bytes_for(self.preset, reserve_gb)
         self.set_expert_residency(expert_residency, reason=residency_reason)
         self.compile_dit = compile_dit
@@ -359,7 +386,7 @@ class VideoPipeline:
         if text_encoder not in TEXT_ENCODER_PLACEMENTS:
             raise ValueError(f"text_encoder must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}")
         start = time.perf_counter()
-        plan = LoadPlan.prepare(model_id, models_dir, pick_device(device), dtype, quant)
+        plan = LoadPlan.prepare(model_id, models_dir, pick_device(device), dtype, quant, reserve_gb=reserve_gb)
         preset, dev, dtype, quant, paths = plan.preset, plan.device, plan.dtype, plan.quant, plan.paths
         tiny = preset.tiny
         reserve = reserve_bytes_for(preset, reserve_gb)
@@ -393,6 +420,7 @@ class VideoPipeline:
         pipe = cls(preset, text_encoder=encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
                    attention=attention, quant=quant, expert_residency=mode, residency_reason=reason,
                    reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason)
+        pipe.quant_reason = plan.quant_reason
         pipe.load_seconds = time.perf_counter() - start
         log.info("%s ready in %.1f s", preset.id, pipe.load_seconds)
         return pipe
@@ -448,6 +476,7 @@ class VideoPipeline:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention": self.attention,
             "quant": self.quant or "none",
+            "quant_reason": self.quant_reason,
             "gpus": self.sequence_parallel,
             "load_seconds": round(self.load_seconds, 3),
             "text_encoder": self.text_encoder_placement,

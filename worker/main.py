@@ -215,7 +215,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--model", action="append", required=True, choices=list(PRESETS), metavar="MODEL",
                         help=f"model to serve (repeatable): {', '.join(PRESETS)}")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
-    parser.add_argument("--quant", default=None, choices=("int8", "fp8"), help="quantize the DiT linears")
+    parser.add_argument("--quant", default=None, choices=("none", "int8", "fp8", "auto"),
+                        help="quantize the DiT linears: int8 (the released -quant format), fp8, or auto (bf16 when it "
+                             "fits in free GPU memory beside the text encoder, else fp8/int8); default none (bf16)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_TYPES,
                         help="attention backend (default %(default)s: the fastest available)")
     parser.add_argument("--name", default=None, help="worker name (default: host-pid-random)")

@@ -195,6 +195,8 @@ def load_experts(
     encoder and the VAE (ranks other than 0 only run the DiT). Keys: "dit", or "high" and "low"."""
     from turbodiffusion_core.pipeline import LoadPlan
 
+    if quant == "auto":  # each rank would measure its own GPU and could choose differently
+        raise ValueError("quant=auto is not available with several GPUs: choose none, int8 or fp8")
     plan = LoadPlan.prepare(model_id, models_dir, device, dtype, quant)
     return {name: plan.load_dit(role) for name, role in plan.expert_roles.items()}
 
