@@ -34,10 +34,14 @@ on each field; a cancelled video reads `status: "failed"`, `error.code: "cancell
 """
 
 
+REDIS_TIMEOUTS = {"socket_connect_timeout": 5.0, "socket_timeout": 10.0}
+
+
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     url = settings.require_redis_url()
-    connection = Redis.from_url(url, health_check_interval=30)
+    # Bounded waits: a Redis that stops answering turns into 503s (server.errors), never a hung request.
+    connection = Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     keys = KeyRing(settings.api_keys)
     if keys.open:
@@ -45,7 +49,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.aredis = AsyncRedis.from_url(url)
+        app.state.aredis = AsyncRedis.from_url(url, **REDIS_TIMEOUTS)
         app.state.reads = VideoReads(app.state.aredis)
         log.info("API ready (redis %s, storage %s)", _redact(url), settings.storage_dir)
         try:

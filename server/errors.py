@@ -3,7 +3,8 @@
 The `openai` SDK reads `error.code/param/type/message` and maps the status to its exception
 classes (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError...).
 FastAPI's own 422 validation answers are turned into 400s here, so bad input is always a 400 that
-names the offending field, never a 422 shape the SDK does not expect and never a 500.
+names the offending field, never a 422 shape the SDK does not expect and never a 500. While Redis
+(the job store) cannot be reached, requests get a 503 `store_unavailable` with Retry-After.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from turbodiffusion_core.spec import SpecError
@@ -21,6 +23,8 @@ from turbodiffusion_core.spec import SpecError
 log = logging.getLogger("turbodiffusion.server")
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+STORE_RETRY_AFTER_S = 1
+"""Retry-After of the 503 answered while Redis cannot be reached."""
 
 
 class APIError(Exception):
@@ -102,6 +106,15 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
         return error_response(err.status, err.message, err.code, err.param)
+
+    @app.exception_handler(RedisError)
+    async def _store_down(request: Request, exc: RedisError) -> JSONResponse:
+        # Redis holds every record and queue: without it nothing can be answered correctly, but nothing is
+        # lost either (a create is one MULTI/EXEC), so clients are told to come back (the SDK retries 503s,
+        # with an Idempotency-Key on creates, which makes the retry safe).
+        log.error("job store (Redis) unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "the job store is unavailable; retry in a moment", "store_unavailable",
+                              headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

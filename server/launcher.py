@@ -48,10 +48,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedRedis:
     """A private redis-server child process on a free loopback port, in a temporary folder."""
 
-    def __init__(self, executable: str = "redis-server", databases: int = 16):
+    def __init__(self, executable: str = "redis-server", databases: int = 16, port: int = 0):
         self.executable = shutil.which(executable) or executable
         self.databases = databases
-        self.port = 0
+        self.port = port  # 0: a free port, chosen at start
         self._dir: Optional[tempfile.TemporaryDirectory] = None
         self._proc: Optional[subprocess.Popen] = None
 
@@ -61,7 +61,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self._dir = tempfile.TemporaryDirectory(prefix="td-redis-")
-        self.port = free_port()
+        self.port = self.port or free_port()
         self._proc = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--databases", str(self.databases), "--dir", self._dir.name],
