@@ -65,6 +65,9 @@ def test_plan_command_prints_json_and_a_table(capsys):
     assert main(["plan", "--gpu-gb", "24", "--model", "turbowan2.1-t2v-1.3b-480p", "--no-fp8"]) == 0
     out = capsys.readouterr().out
     assert "peak GB (est.)" in out and "turbowan2.1-t2v-1.3b-480p" in out
+    assert main(["plan", "--gpu-gb", "16", "--model", "turbowan2.1-t2v-1.3b-480p", "--text-encoder", "gpu-fp8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["text_encoder"] == "gpu-fp8"
     assert main(["plan", "--gpu-gb", "lots"]) == 2
 
 

@@ -182,6 +182,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--model", action="append", choices=[k for k in spec.PRESETS if not spec.PRESETS[k].tiny],
                    help="preset(s) to plan (default: every non-tiny preset)")
     p.add_argument("--no-fp8", action="store_true", help="a GPU without fp8 (before Ada/Hopper): int8 instead")
+    p.add_argument("--text-encoder", default="auto", choices=("auto", "gpu", "gpu-fp8", "cpu"),
+                   help="text encoder placement to plan with (TD_TEXT_ENCODER; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_plan)
 
@@ -195,7 +197,7 @@ def _cmd_plan(args) -> int:
         print(f"error: --gpu-gb takes numbers like 16,24,40; got {args.gpu_gb!r}", file=sys.stderr)
         return 2
     models = args.model or [k for k, p in spec.PRESETS.items() if not p.tiny]
-    rows = [plan(m, gb, fp8_ok=not args.no_fp8) for m in models for gb in sizes]
+    rows = [plan(m, gb, fp8_ok=not args.no_fp8, text_encoder=args.text_encoder) for m in models for gb in sizes]
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0

@@ -12,7 +12,8 @@ This module makes the same choices for a *given* memory size, so the README's pr
   format, any CUDA GPU), which halves them (for I2V: two quantized experts resident rather than one bf16
   expert streamed in and out on every request).
 - text encoder "auto": on the GPU when it fits beside the expert(s) and the reserve, else in host memory
-  (a new prompt then takes seconds; repeated prompts come from the embedding cache).
+  (a new prompt then takes seconds; repeated prompts come from the embedding cache). "gpu-fp8" (only when
+  configured) keeps it on the GPU with fp8 block weights, about half the size.
 - expert residency "auto" (two-expert I2V): both experts on the GPU when they fit, else the idle one in
   pinned host memory, streamed in block by block during the last step before the switch.
 
@@ -51,12 +52,21 @@ def dit_bytes(arch: str, quant: Optional[str] = None) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def text_encoder_bytes(config: str = "umt5-xxl") -> int:
-    """Bytes of the umT5 encoder in bf16 (the embedding table is shared, counted once)."""
-    from turbodiffusion_core.models.text_encoder import build_umt5_on_meta
+def text_encoder_bytes(config: str = "umt5-xxl", fp8: bool = False) -> int:
+    """Bytes of the umT5 encoder in bf16 (the embedding table is shared, counted once), or with its block
+    linears in fp8 (placement "gpu-fp8")."""
+    from turbodiffusion_core.models.text_encoder import build_umt5_on_meta, quantize_umt5_fp8
+
+    import torch
 
     model = build_umt5_on_meta(config)
-    return sum(p.numel() for p in model.parameters()) * 2
+    if fp8:
+        quantize_umt5_fp8(model)
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        size = 2 if tensor.dtype == torch.float32 else tensor.element_size()  # float weights are loaded in bf16
+        total += tensor.numel() * size
+    return total
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +86,7 @@ class MemoryPlan:
     model: str
     gpu_gb: float
     quant: Optional[str]
-    text_encoder: str  # "gpu" | "cpu"
+    text_encoder: str  # "gpu" | "gpu-fp8" | "cpu"
     expert_residency: str  # "resident" | "swap" (one-expert presets: "resident")
     weights_gb: float  # on the GPU
     reserve_gb: float  # working memory kept for activations and the VAE decode
@@ -134,11 +144,13 @@ def plan(model: str, gpu_gb: float, *, quant: Optional[str] = "auto", text_encod
     left = free - vae - expert
     placement, t5_why = choose_text_encoder(text_encoder, cuda, encoder_bytes=t5, free_bytes=left,
                                             reserve_bytes=reserve)
-    if placement == "gpu":
+    if placement == "gpu-fp8":
+        t5 = text_encoder_bytes("tiny" if preset.tiny else "umt5-xxl", fp8=True)
+    if placement != "cpu":
         left -= t5
     mode, mode_why = choose_mode(expert_residency, experts=experts, expert_bytes=expert, free_bytes=left,
                                  reserve_bytes=reserve)
-    weights = vae + expert + (t5 if placement == "gpu" else 0)
+    weights = vae + expert + (0 if placement == "cpu" else t5)
     if mode == "resident":
         weights += (experts - 1) * expert
     else:

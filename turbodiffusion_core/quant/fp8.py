@@ -58,3 +58,14 @@ class Fp8Linear(QuantizedLinear):
         weight = dequantize_fp8_rowwise(self.weight, self.weight_scale).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
+
+
+class Fp8WeightOnlyLinear(Fp8Linear):
+    """The same e4m3 weight with per-channel scales, always run weight-only: dequantized to the activation's
+    dtype for each matmul, activations never quantized. Halves the memory of a model whose speed does not
+    matter but whose activations are sensitive (the umT5 text encoder: `--text-encoder gpu-fp8`)."""
+
+    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+        if act == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
+        return self.reference_forward(x)
