@@ -21,7 +21,7 @@ from server.catalog import Catalog
 from server.middleware import RequestIdMiddleware
 from server.reads import VideoReads
 from server.routes import health, models, ui, videos
-from server.schemas import VideoCreateParams
+from server.schemas import VideoCreateParams, VideoExtendParams
 from server.settings import Settings
 from server.store import Store
 
@@ -73,15 +73,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """The generated schema, plus the create body (read by hand from JSON or multipart, so FastAPI
-    cannot see it) registered under components so both content types can reference it."""
+    """The generated schema, plus the create and extend bodies (read by hand from JSON or multipart, so
+    FastAPI cannot see them) registered under components so both content types can reference them."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    body = VideoCreateParams.model_json_schema(ref_template="#/components/schemas/{model}")
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(body.pop("$defs", {}))
-    components["VideoCreateParams"] = body
+    for model in (VideoCreateParams, VideoExtendParams):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
     app.openapi_schema = schema
     return schema
 

@@ -20,9 +20,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from server.errors import APIError, validation_error
-from server.schemas import VideoCreateParams
+from server.schemas import VideoCreateParams, VideoExtendParams
 
-JSON_FIELDS = ("metadata", "webhook_events", "input_reference")
+JSON_FIELDS = ("metadata", "webhook_events", "input_reference", "video")
 MAX_FORM_FIELDS = 200
 MAX_JSON_OVERHEAD = 1 << 20  # on top of a base64 image
 
@@ -104,6 +104,30 @@ def _limited(request: Request, limit: int) -> Request:
 
 
 async def read_create_body(request: Request, max_upload_bytes: int) -> CreateBody:
+    data, upload = await read_body(request, max_upload_bytes, file_field="input_reference")
+    return CreateBody(_validate(data), upload)
+
+
+async def read_extend_body(request: Request, max_upload_bytes: int) -> tuple[Any, Optional[bytes]]:
+    """POST /v1/videos/extensions: (VideoExtendParams, uploaded video bytes) from JSON or form. The video to
+    extend is either `video[id]` (JSON `{"video": {"id": ...}}`) or an MP4 sent as the file field `video`,
+    which is how the openai SDK sends it; exactly one of the two."""
+    data, upload = await read_body(request, max_upload_bytes, file_field="video")
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_value")
+    try:
+        params = VideoExtendParams.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if (params.video is None) == (upload is None):
+        raise APIError(400, "give the video to extend either as video[id] (one of your completed videos) or as "
+                            "an uploaded MP4 file `video`, not " + ("both" if upload is not None else "neither"),
+                       code="missing_required_parameter" if upload is None else "invalid_value", param="video")
+    return params, upload
+
+
+async def read_body(request: Request, max_upload_bytes: int, *, file_field: str) -> tuple[Any, Optional[bytes]]:
+    """The body as a dict (JSON, or a form folded by `fold_form`) and the bytes of its one allowed file part."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = max_upload_bytes * 4 // 3 + MAX_JSON_OVERHEAD  # base64 grows data by 4/3
     declared = request.headers.get("content-length")
@@ -120,16 +144,16 @@ async def read_create_body(request: Request, max_upload_bytes: int) -> CreateBod
         pairs: list[tuple[str, Any]] = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if key != "input_reference":
+                if key != file_field:
                     raise APIError(400, f"unexpected file field {key!r}", code="invalid_value", param=key)
                 upload = await value.read(max_upload_bytes + 1)
                 if len(upload) > max_upload_bytes:
-                    raise APIError(413, f"input_reference is larger than {max_upload_bytes} bytes",
-                                   code="file_too_large", param="input_reference")
+                    raise APIError(413, f"{file_field} is larger than {max_upload_bytes} bytes",
+                                   code="file_too_large", param=file_field)
             else:
                 pairs.append((key, value))
         await form.close()
-        return CreateBody(_validate(fold_form(pairs)), upload)
+        return fold_form(pairs), upload
 
     if ctype in ("application/json", ""):
         body = await request.body()
@@ -137,7 +161,7 @@ async def read_create_body(request: Request, max_upload_bytes: int) -> CreateBod
             data = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        return CreateBody(_validate(data), None)
+        return data, None
 
     raise APIError(415, f"unsupported content-type {ctype!r}: send application/json or multipart/form-data",
                    code="unsupported_media_type")

@@ -218,6 +218,7 @@ class Store:
         input_image: Optional[str] = None,  # file name inside video_dir(video_id)
         idempotency: Optional[Idempotency] = None,
         remixed_from: Optional[str] = None,
+        extends: Optional[dict[str, Any]] = None,  # {"video_id", "prefix_video" (file name), "prefix_frames"}
     ) -> tuple[dict[str, Any], bool]:
         """Write a queued record and its RQ job atomically. Returns (record, created).
 
@@ -243,6 +244,9 @@ class Store:
             "webhook_events": webhook_events,
             "input_image": input_image,
             "remixed_from": remixed_from,
+            "extended_from": extends["video_id"] if extends else None,
+            "prefix_video": extends["prefix_video"] if extends else None,
+            "prefix_frames": extends["prefix_frames"] if extends else 0,
             "attempt": 1,
             "runs": 0,
             "cancel_requested": False,

@@ -32,6 +32,8 @@ def public_video(
         error = {"code": "cancelled", "message": "the video was cancelled before it finished"}
     width, height = resolved.get("width"), resolved.get("height")
     num_frames = resolved.get("num_frames")
+    if num_frames and rec.get("prefix_frames"):  # an extension is the whole video: the original + the new part
+        num_frames += int(rec["prefix_frames"]) - 1
     return {
         "id": rec["id"],
         "object": "video",
@@ -46,6 +48,7 @@ def public_video(
         "size": f"{width}x{height}" if width and height else None,
         "error": error,
         "remixed_from_video_id": rec.get("remixed_from"),
+        "extended_from_video_id": rec.get("extended_from"),
         # --- extensions ---
         "cancelled": status == "cancelled",
         "queue_position": queue_position if status == "queued" else None,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from turbodiffusion_core import spec
-from turbodiffusion_core.errors import Cancelled
+from turbodiffusion_core.errors import Cancelled, EngineError
 from turbodiffusion_core.pipeline import VideoPipeline, choose_text_encoder, load_pipeline
 from turbodiffusion_core.residency import choose_mode, units_of
 from turbodiffusion_core.video import read_video_frames
@@ -153,6 +153,21 @@ def test_outputs_written_during_decode_match_the_frames(t2v, tmp_path):
 
     only_video = t2v.generate(req, output_dir=tmp_path / "v", variants=("video",))
     assert set(only_video.files) == {"video"} and sorted(p.name for p in (tmp_path / "v").iterdir()) == ["video.mp4"]
+
+
+def test_prefix_frames_make_an_extension(i2v, tmp_path):
+    """An extension: the I2V output without its first frame (the repeated image) appended to the prefix, in
+    the returned frames and in the MP4 written during decode; a prefix of another size is refused."""
+    req = _i2v_req(steps=2, size="224x128")
+    prefix = (np.random.default_rng(3).random((7, 128, 224, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(prefix[-1])
+    plain = i2v.generate(req, image=image)
+    out = i2v.generate(req, image=image, output_dir=tmp_path / "x", prefix_frames=prefix)
+    assert out.num_frames == 7 + 5 - 1 and out.frames.shape == (11, 128, 224, 3)
+    assert np.array_equal(out.frames[:7], prefix) and np.array_equal(out.frames[7:], plain.frames[1:])
+    assert read_video_frames(out.files["video"]).shape == out.frames.shape
+    with pytest.raises(EngineError, match="expected uint8"):
+        i2v.generate(req, image=image, prefix_frames=prefix[:, :64])
 
 
 def test_cancel_during_decode_leaves_no_partial_files(t2v, tmp_path):

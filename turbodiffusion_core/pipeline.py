@@ -553,12 +553,17 @@ class VideoPipeline:
         output_dir: Optional[Union[str, Path]] = None,
         stem: str = "video",
         variants: Sequence[str] = ("video", "thumbnail", "spritesheet"),
+        prefix_frames: Optional[np.ndarray] = None,
     ) -> GenerationResult:
         """Run one request. Without `output_dir` it returns the frames (the caller writes files). With
         it, the MP4 is encoded on a thread while the VAE decodes, then the thumbnail and spritesheet are
         written (video.output_paths names: <stem>.mp4, <stem>_thumbnail.webp, <stem>_spritesheet.jpg);
         `result.files` maps each variant to its path, and the timings gain encode_video (MP4 time left
-        after decoding ended) and store (the preview images), with encode_video_busy the writer's total."""
+        after decoding ended) and store (the preview images), with encode_video_busy the writer's total.
+
+        `prefix_frames` (uint8 [T, H, W, 3] at the request's size) extends a video: an I2V request whose
+        image is the prefix's last frame continues it, and the result (frames and files) is the prefix
+        followed by the new frames without their first one, which repeats that image."""
         if req.model != self.preset.id:
             raise EngineError(f"this pipeline serves {self.preset.id}, not {req.model}")
         if self.preset.task == "i2v" and image is None:
@@ -572,6 +577,10 @@ class VideoPipeline:
         unknown = set(variants) - {"video", "thumbnail", "spritesheet"}
         if unknown:
             raise ValueError(f"unknown output variants {sorted(unknown)}")
+        if prefix_frames is not None and (prefix_frames.dtype != np.uint8 or prefix_frames.ndim != 4
+                                          or prefix_frames.shape[1:] != (req.height, req.width, 3)):
+            raise EngineError(f"the video to extend is {list(prefix_frames.shape)} {prefix_frames.dtype}; "
+                              f"expected uint8 [T, {req.height}, {req.width}, 3]")
         report = on_progress or (lambda ev: None)
         seed = req.seed or (secrets.randbits(63) or 1)
         timer = _Timer(self.device)
@@ -626,13 +635,17 @@ class VideoPipeline:
                 paths["video"].parent.mkdir(parents=True, exist_ok=True)
                 if "video" in variants:
                     mp4 = _Mp4Thread(paths["video"], req.width, req.height)
+                    if prefix_frames is not None:
+                        mp4.put(prefix_frames)
             try:
                 with timer.stage("vae_decode"):
-                    frames = self._decode(latent, report, mp4)
+                    frames = self._decode(latent, report, mp4, skip_first=prefix_frames is not None)
             except BaseException:
                 if mp4 is not None:
                     mp4.abort()
                 raise
+            if prefix_frames is not None:
+                frames = np.concatenate([prefix_frames, frames[1:]])
 
         if paths is not None:
             files = self._finish_outputs(frames, paths, variants, mp4, timer, report)
@@ -641,10 +654,12 @@ class VideoPipeline:
             after = self.residency.stats()
             info["expert_residency"] = {k: round(after[k] - stats_before[k], 3) for k in after}
         return GenerationResult(frames=frames, seed=seed, timings=timer.timings, width=req.width,
-                                height=req.height, num_frames=req.num_frames, info=info, files=files)
+                                height=req.height, num_frames=len(frames), info=info, files=files)
 
-    def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread]) -> np.ndarray:
-        """Decode latent frame by latent frame into uint8 frames, handing each chunk to the MP4 thread.
+    def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread],
+                skip_first: bool = False) -> np.ndarray:
+        """Decode latent frame by latent frame into uint8 frames, handing each chunk to the MP4 thread
+        (without the very first frame when `skip_first`: an extension's repeat of the frame it continues).
         On a GPU each chunk's uint8 copy to pinned host memory runs while the next chunk decodes."""
         cfg = self.vae.config
         _, _, t_lat, h, w = latent.shape
@@ -661,7 +676,9 @@ class VideoPipeline:
             n = host.shape[0]
             frames[filled:filled + n] = host.numpy()
             if mp4 is not None:
-                mp4.put(frames[filled:filled + n])
+                first = 1 if skip_first and filled == 0 else 0
+                if n > first:
+                    mp4.put(frames[filled + first:filled + n])
             filled += n
 
         for i, chunk in enumerate(self.vae.decode_iter(latent.to(self.vae_dtype))):

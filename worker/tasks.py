@@ -159,11 +159,16 @@ class JobRun:
             with Image.open(self.store.video_dir(self.job.video_id) / rec["input_image"]) as img:
                 image = img.convert("RGB")
         folder = self.store.video_dir(self.job.video_id)
+        prefix = None
+        if rec.get("prefix_video"):  # an extension: the video it continues, copied here by the API
+            from turbodiffusion_core.video import read_video_frames
+
+            prefix = read_video_frames(folder / rec["prefix_video"])
         residency = self.rt.residency
         with residency.lock(request.model):
             result = residency.get(request.model).generate(
                 request, image=image, on_progress=self.on_progress, should_cancel=self.should_cancel,
-                output_dir=folder, stem=f"video.{self.job.attempt}",
+                output_dir=folder, stem=f"video.{self.job.attempt}", prefix_frames=prefix,
             )
         files = {variant: Path(p).name for variant, p in result.files.items()}
         if self.should_cancel():  # stopped while the outputs were being finished

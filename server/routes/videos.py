@@ -1,4 +1,4 @@
-"""/v1/videos: create, remix, list, retrieve, cancel, delete, download content, follow events.
+"""/v1/videos: create, remix, extend, list, retrieve, cancel, delete, download content, follow events.
 
 The hot reads (retrieve, list, events) are `async` and use server.reads on the async Redis client.
 Writes go through server.store on the synchronous client (RQ has no async API): cancel, delete
@@ -14,6 +14,9 @@ Documented behaviour beyond OpenAI's API:
 - A full queue (TD_MAX_QUEUE per model) answers 429 with Retry-After.
 - POST /{id}/remix {prompt, ...overrides} (OpenAI's remix): a completed video's resolved request with a new
   prompt and the seed it used; its size (an adaptive I2V size too) and input image carry over.
+- POST /extensions {prompt, seconds | num_frames, video[id] or an uploaded MP4 `video`} (OpenAI's extend): an
+  image-to-video model continues the video from its last frame at its size; the new video is the whole clip
+  (the worker writes the original's frames first), `extended_from_video_id` names the source.
 - POST /{id}/feedback {rating: 1-5, note} keeps the caller's rating and note on the video (shown
   as `rating` and `note` on the Video object); a field left out is unchanged, null clears it.
 """
@@ -21,6 +24,7 @@ Documented behaviour beyond OpenAI's API:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -28,19 +32,20 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import current_owner
-from server.bodies import CreateBody, read_create_body
+from server.bodies import CreateBody, read_create_body, read_extend_body
 from server.errors import APIError, validation_error
 from server.events import video_events
 from server.images import ReferenceImage, resolve_reference
 from server.reads import CursorError
-from server.schemas import (GENERATION_FIELDS, ImageReference, Video, VideoCreateParams, VideoDeleted,
-                            VideoFeedback, VideoList, VideoRemixParams)
+from server.schemas import (EXTEND_OVERRIDES, GENERATION_FIELDS, ImageReference, Video, VideoCreateParams,
+                            VideoDeleted, VideoExtendParams, VideoFeedback, VideoList, VideoRemixParams)
 from server.settings import Settings
 from server.store import Idempotency, Store, StoreError, new_video_id
 from server.views import public_status, public_video
@@ -225,6 +230,126 @@ def _retry_after(store: Store, excess: int, workers: list) -> int:
     count = counters.get("stage_seconds_count:total", 0.0)
     mean = counters.get("stage_seconds_sum:total", 0.0) / count if count else DEFAULT_JOB_SECONDS
     return max(1, min(120, math.ceil(mean * excess / max(1, len(workers)))))
+
+
+_EXTEND_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/VideoExtendParams"}},
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/VideoExtendParams"}},
+    },
+}
+
+
+@router.post(
+    "/extensions",
+    response_model=Video,
+    openapi_extra={"requestBody": _EXTEND_BODY},
+    summary="Extend a completed video with an image-to-video model (OpenAI's extend; the result is the whole video)",
+    responses={400: {"description": "invalid request, the video is not completed, or no image-to-video model"},
+               404: {"description": "no such video"}, 429: {"description": "queue full (see Retry-After)"}},
+)
+async def extend_video(request: Request, owner: str = Depends(current_owner)):
+    params, upload = await read_extend_body(request, request.app.state.settings.max_upload_bytes)
+    idem = _idempotency_key(request)
+    rec, created, view = await run_in_threadpool(_extend, request, owner, params, upload, idem)
+    return _respond(request, rec, view, replayed=not created)
+
+
+def _extend(request: Request, owner: str, params: Any, upload: Optional[bytes],
+            idem: Optional[str]) -> tuple[dict, bool, dict]:
+    """An I2V request from the source video's last frame at its size; the worker prepends the source's frames
+    (a copy of its MP4 stored with the new video), so the new video is the whole, longer clip."""
+    from PIL import Image
+
+    store = request.app.state.store
+    source_id = params.video.id if params.video is not None else None
+    if source_id is not None:
+        source = _owned(request, source_id, owner)
+        if source["status"] != "completed":
+            raise APIError(400, f"only a completed video can be extended; {source_id} is "
+                                f"{public_status(source['status'])}", code="invalid_value", param="video")
+        name = (source.get("files") or {}).get("video")
+        path = store.video_dir(source_id) / name if name else None
+        if path is None or not path.is_file():
+            raise APIError(400, f"the MP4 of {source_id} is no longer stored", code="invalid_value", param="video")
+        mp4 = path.read_bytes()
+    else:
+        mp4 = upload
+    frames = _video_frames(mp4)
+    height, width = frames.shape[1:3]
+    preset = _extension_preset(request, params.model, width, height)
+
+    fields = {k: v for k, v in params.model_dump(exclude_none=True).items()
+              if k in GENERATION_FIELDS and k in (*EXTEND_OVERRIDES, "prompt", "seconds", "num_frames")}
+    fields.update(model=preset.id, size=f"{width}x{height}", image_width=width, image_height=height)
+    try:
+        resolved = spec.resolve(spec.GenerationRequest(**fields))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+    def save_inputs(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frames[-1]).save(folder / "input.png")
+        (folder / "prefix.mp4").write_bytes(mp4)
+        return "input.png"
+
+    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(hashlib.sha256(upload or b"").digest())
+    fingerprint = digest.hexdigest()
+    extends = {"video_id": source_id, "prefix_video": "prefix.mp4", "prefix_frames": len(frames)}  # id None: upload
+    return _admit(request, owner, resolved, Idempotency(idem, fingerprint) if idem else None, save_inputs,
+                  extends=extends, priority=params.priority, metadata=params.metadata,
+                  webhook_url=params.webhook_url, webhook_events=params.webhook_events)
+
+
+MAX_EXTEND_FRAMES = 2000
+"""Longest video (in frames) an extension starts from: its frames are decoded into memory."""
+
+
+def _video_frames(mp4: bytes) -> np.ndarray:
+    """The frames of an MP4 (uint8 [T, H, W, 3]); 400 when it is not a video we can decode or is too long."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(mp4)) as container:
+            stream = container.streams.video[0]
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) > MAX_EXTEND_FRAMES:
+                    raise APIError(400, f"the video to extend has more than {MAX_EXTEND_FRAMES} frames",
+                                   code="invalid_value", param="video")
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise APIError(400, f"the video to extend cannot be decoded: {exc}", code="invalid_value",
+                       param="video") from None
+    if not frames:
+        raise APIError(400, "the video to extend has no frames", code="invalid_value", param="video")
+    return np.stack(frames)
+
+
+def _extension_preset(request: Request, requested: Optional[str], width: int, height: int) -> spec.Preset:
+    """The image-to-video preset that continues a width x height video: the one asked for, else a served one
+    that makes that size."""
+    catalog = request.app.state.catalog
+    if requested is not None:
+        preset = spec.get_preset(catalog.check(requested))
+        if preset.task != "i2v":
+            raise APIError(400, f"{preset.id} is a text-to-video model; extending a video needs an image-to-video "
+                                "model (GET /v1/models lists each model's task)", code="unsupported_value",
+                           param="model")
+        candidates = [preset]
+    else:
+        candidates = [p for p in map(spec.get_preset, catalog.models()) if p.task == "i2v"]
+        if not candidates:
+            raise APIError(400, "extending a video continues it from its last frame with an image-to-video model, "
+                                "and none is served here (GET /v1/models)", code="unsupported_value", param="model")
+    for preset in candidates:
+        if (width, height) in preset.sizes():
+            return preset
+    sizes = ", ".join(spec.format_size(w, h) for w, h in candidates[0].sizes())
+    raise APIError(400, f"the video is {width}x{height}, which {candidates[0].id} cannot continue; it makes {sizes}",
+                   code="unsupported_value", param="video")
 
 
 @router.get("", response_model=VideoList, summary="List your videos (cursor pagination)")
