@@ -180,6 +180,14 @@ def test_cancel_during_decode_leaves_no_partial_files(t2v, tmp_path):
         t2v.generate(_t2v_req(), on_progress=cancel_in_decode, output_dir=folder)
     assert folder.exists() and list(folder.iterdir()) == []
 
+    # the MP4 writer opens before the model runs (an extension's prefix encodes meanwhile): a cancel between
+    # steps must remove its file too
+    steps = []
+    with pytest.raises(Cancelled):
+        t2v.generate(_t2v_req(), on_progress=lambda e: steps.append(e.step), output_dir=folder,
+                     should_cancel=lambda: len(steps) > 3)
+    assert list(folder.iterdir()) == []
+
 
 # --- text encoder, warm-up, compile, in-memory construction ------------------------------------------
 def test_text_encoder_placement_choice():

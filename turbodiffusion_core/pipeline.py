@@ -588,64 +588,65 @@ class VideoPipeline:
         files: dict[str, Path] = {}
         stats_before = self.residency.stats()
 
-        with torch.inference_mode():
-            report(spec.ProgressEvent("text_encode", 0.0))
-            with timer.stage("text_encode"):
-                context = self._encode_prompt(req.prompt)
-                negative = None
-                if self.preset.sampler == "unipc" and req.guidance_scale != 1.0:
-                    negative = self._encode_prompt(req.negative_prompt or DEFAULT_NEGATIVE_PROMPT)
-            report(spec.ProgressEvent("text_encode", 1.0))
+        mp4 = None
+        paths = None
+        if output_dir is not None:
+            from .video import output_paths
 
-            y = None
-            if self.preset.task == "i2v":
-                with timer.stage("image_encode"):
-                    y = self._condition_on_image(image, req.width, req.height, req.num_frames)
+            paths = output_paths(output_dir, stem)
+            paths["video"].parent.mkdir(parents=True, exist_ok=True)
+            if "video" in variants:
+                # opened now so that an extension's prefix encodes while the model runs
+                mp4 = _Mp4Thread(paths["video"], req.width, req.height)
+                if prefix_frames is not None:
+                    mp4.put(prefix_frames)
+        try:
+            with torch.inference_mode():
+                report(spec.ProgressEvent("text_encode", 0.0))
+                with timer.stage("text_encode"):
+                    context = self._encode_prompt(req.prompt)
+                    negative = None
+                    if self.preset.sampler == "unipc" and req.guidance_scale != 1.0:
+                        negative = self._encode_prompt(req.negative_prompt or DEFAULT_NEGATIVE_PROMPT)
+                report(spec.ProgressEvent("text_encode", 1.0))
 
-            shape = (1, 16, spec.latent_frames(req.num_frames), req.height // 8, req.width // 8)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            clock = None
+                y = None
+                if self.preset.task == "i2v":
+                    with timer.stage("image_encode"):
+                        y = self._condition_on_image(image, req.width, req.height, req.num_frames)
 
-            def step_done(i: int, n: int, t: float) -> None:
-                clock.mark()
-                report(spec.ProgressEvent("denoise", i / n, step=i, total_steps=n, info={"t": t}))
+                shape = (1, 16, spec.latent_frames(req.num_frames), req.height // 8, req.width // 8)
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                clock = None
 
-            report(spec.ProgressEvent("denoise", 0.0, step=0, total_steps=req.steps))
-            with timer.stage("denoise"):
-                clock = _StepClock(self.device)
-                if self.preset.sampler == "rcm":
-                    latent = self._sample_rcm(req, shape, generator, context, y, step_done, should_cancel,
-                                              expert_trace)
-                else:
-                    latent = self._sample_unipc(req, shape, generator, context, negative, step_done,
-                                                should_cancel)
-            steps = clock.seconds()
-            if len(steps) <= PER_STEP_TIMINGS_MAX:
-                timer.timings.update({f"step_{i + 1}": s for i, s in enumerate(steps)})
-            elif steps:
-                timer.timings.update(step_1=steps[0], step_mean=sum(steps[1:]) / max(1, len(steps) - 1))
+                def step_done(i: int, n: int, t: float) -> None:
+                    clock.mark()
+                    report(spec.ProgressEvent("denoise", i / n, step=i, total_steps=n, info={"t": t}))
 
-            report(spec.ProgressEvent("vae_decode", 0.0))
-            mp4 = None
-            paths = None
-            if output_dir is not None:
-                from .video import output_paths
+                report(spec.ProgressEvent("denoise", 0.0, step=0, total_steps=req.steps))
+                with timer.stage("denoise"):
+                    clock = _StepClock(self.device)
+                    if self.preset.sampler == "rcm":
+                        latent = self._sample_rcm(req, shape, generator, context, y, step_done, should_cancel,
+                                                  expert_trace)
+                    else:
+                        latent = self._sample_unipc(req, shape, generator, context, negative, step_done,
+                                                    should_cancel)
+                steps = clock.seconds()
+                if len(steps) <= PER_STEP_TIMINGS_MAX:
+                    timer.timings.update({f"step_{i + 1}": s for i, s in enumerate(steps)})
+                elif steps:
+                    timer.timings.update(step_1=steps[0], step_mean=sum(steps[1:]) / max(1, len(steps) - 1))
 
-                paths = output_paths(output_dir, stem)
-                paths["video"].parent.mkdir(parents=True, exist_ok=True)
-                if "video" in variants:
-                    mp4 = _Mp4Thread(paths["video"], req.width, req.height)
-                    if prefix_frames is not None:
-                        mp4.put(prefix_frames)
-            try:
+                report(spec.ProgressEvent("vae_decode", 0.0))
                 with timer.stage("vae_decode"):
                     frames = self._decode(latent, report, mp4, skip_first=prefix_frames is not None)
-            except BaseException:
-                if mp4 is not None:
-                    mp4.abort()
-                raise
-            if prefix_frames is not None:
-                frames = np.concatenate([prefix_frames, frames[1:]])
+                if prefix_frames is not None:
+                    frames = np.concatenate([prefix_frames, frames[1:]])
+        except BaseException:
+            if mp4 is not None:
+                mp4.abort()
+            raise
 
         if paths is not None:
             files = self._finish_outputs(frames, paths, variants, mp4, timer, report)
