@@ -153,3 +153,22 @@ def test_cli_refuses_i2v_without_image_before_loading_and_creates_the_output_fol
                  "--seed", "3", "--extras", "--out", str(out), "--models-dir", str(models_dir)]) == 0
     assert read_video_frames(out).shape == (5, 128, 224, 3)
     assert (out.parent / "clip_thumbnail.webp").exists() and (out.parent / "clip_spritesheet.jpg").exists()
+
+
+def test_cli_extend_continues_a_video(models_dir, tmp_path, capsys):
+    """`generate --extend clip.mp4` with the I2V model: the new file is the clip followed by the new frames."""
+    first = tmp_path / "first.mp4"
+    assert main(["generate", "--model", "tiny-t2v", "--prompt", "a kite", "--seed", "4", "--num-frames", "5",
+                 "--size", "224x128", "--out", str(first), "--models-dir", str(models_dir)]) == 0
+    longer = tmp_path / "longer.mp4"
+    assert main(["generate", "--model", "tiny-i2v", "--extend", str(first), "--prompt", "the kite climbs",
+                 "--num-frames", "5", "--steps", "2", "--out", str(longer), "--models-dir", str(models_dir)]) == 0
+    frames, original = read_video_frames(longer), read_video_frames(first)
+    assert frames.shape == (9, 128, 224, 3) and "(9 frames, 224x128" in capsys.readouterr().out
+    assert np.abs(frames[:5].astype(int) - original).mean() < 6  # re-encoded once more: close, not exact
+    assert main(["generate", "--model", "tiny-t2v", "--extend", str(first), "--prompt", "x",
+                 "--models-dir", str(models_dir)]) == 2
+    assert "image-to-video" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-i2v", "--extend", str(first), "--size", "128x96", "--prompt", "x",
+                 "--models-dir", str(models_dir)]) == 2
+    assert "keeps that size" in capsys.readouterr().err

@@ -40,6 +40,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default="tiny-t2v", choices=list(spec.PRESETS), help="model preset (default tiny-t2v)")
     p.add_argument("--prompt", required=True, help="what the video shows (any language; long English prompts work best)")
     p.add_argument("--image", type=Path, help="first frame for image-to-video models (JPEG/PNG/WebP)")
+    p.add_argument("--extend", type=Path, metavar="VIDEO",
+                   help="continue this MP4 with an image-to-video model from its last frame, at its size; --out "
+                        "gets the whole clip (VIDEO followed by the new --num-frames / --seconds)")
     p.add_argument("--seed", type=int, default=0, help="0 draws a random seed (printed); any other value reproduces")
     p.add_argument("--num-frames", type=int, help="4k+1 frames at 16 fps (81 = 5 s); default from the preset")
     p.add_argument("--seconds", type=float, help="length in seconds instead of --num-frames")
@@ -83,14 +86,31 @@ def _cmd_generate(args) -> int:
             ode=args.ode, boundary=args.boundary, adaptive_resolution=args.adaptive_resolution,
             negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, shift=args.shift,
         )
-        image = None
+        image = prefix = None
+        if args.image is not None and args.extend is not None:
+            raise ValueError("give either --image or --extend: an extension starts from the video's last frame")
         if args.image is not None:
             from PIL import Image
 
             image = Image.open(args.image)
             image.load()
             request.image_width, request.image_height = image.size
+        if args.extend is not None:
+            from PIL import Image
+
+            from turbodiffusion_core.video import read_video_frames
+
+            if spec.get_preset(request.model).task != "i2v":
+                raise ValueError(f"--extend needs an image-to-video --model; {request.model} is text-to-video")
+            prefix = read_video_frames(args.extend)
+            image = Image.fromarray(prefix[-1])
+            request.image_width, request.image_height = image.size
+            if not (request.size or request.resolution or request.aspect_ratio):
+                request.size = spec.format_size(*image.size)
         resolved = spec.resolve(request)
+        if prefix is not None and (resolved.width, resolved.height) != image.size:
+            raise ValueError(f"{args.extend} is {image.size[0]}x{image.size[1]}; an extension keeps that size "
+                             f"(got {resolved.size})")
         if resolved.task == "i2v" and image is None:
             raise ValueError(f"{resolved.model} is an image-to-video model: give the first frame with --image")
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +148,7 @@ def _cmd_generate(args) -> int:
     # The MP4 is encoded on a thread while the VAE decodes (the same path the workers use).
     variants = ("video", "thumbnail", "spritesheet") if args.extras else ("video",)
     result = pipe.generate(resolved, image=image, on_progress=on_progress, output_dir=args.out.parent,
-                           stem=args.out.stem, variants=variants)
+                           stem=args.out.stem, variants=variants, prefix_frames=prefix)
     bar.update(100 - bar.n)
     bar.close()
     for variant, path in sorted(result.files.items()):
