@@ -69,7 +69,7 @@ def test_extension_is_the_original_followed_by_the_new_segment(make_client, star
     assert decoded(client, done.id).shape[0] == 21
 
 
-def test_extension_refusals(make_client, start_worker):
+def test_extension_refusals(make_client, start_worker, monkeypatch):
     client = make_client(models=["tiny-t2v"])
     worker, _ = start_worker("tiny-t2v")
     done = wait_status(client, client.post("/v1/videos", json=dict(FAST, prompt="a kite")).json()["id"])
@@ -93,6 +93,12 @@ def test_extension_refusals(make_client, start_worker):
                           files={"video": ("clip.mp4", b"\x00\x00\x00\x18ftypmp42", "video/mp4")})
     assert garbage.status_code == 400 and garbage.json()["error"]["param"] == "video"
     assert "cannot be decoded" in garbage.json()["error"]["message"]
+    import server.routes.videos as routes
+
+    monkeypatch.setattr(routes, "MAX_EXTEND_BYTES", 128 * 96 * 3 // 2)  # less than one frame of the 128x96 video
+    too_long = extend()
+    assert too_long.status_code == 400 and "too long" in too_long.json()["error"]["message"]
+    monkeypatch.undo()
     both = client.post("/v1/videos/extensions", data={"prompt": "x", "video[id]": done["id"]},
                        files={"video": ("clip.mp4", client.get(f"/v1/videos/{done['id']}/content").content,
                                         "video/mp4")})

@@ -276,8 +276,8 @@ def _extend(request: Request, owner: str, params: Any, upload: Optional[bytes],
         mp4 = path.read_bytes()
     else:
         mp4 = upload
-    frames = _video_frames(mp4)
-    height, width = frames.shape[1:3]
+    last, count = _last_frame(mp4)
+    height, width = last.shape[:2]
     preset = _extension_preset(request, params.model, width, height)
 
     fields = {k: v for k, v in params.model_dump(exclude_none=True).items()
@@ -290,42 +290,44 @@ def _extend(request: Request, owner: str, params: Any, upload: Optional[bytes],
 
     def save_inputs(folder: Path) -> str:
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(frames[-1]).save(folder / "input.png")
+        Image.fromarray(last).save(folder / "input.png")
         (folder / "prefix.mp4").write_bytes(mp4)
         return "input.png"
 
     digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(hashlib.sha256(upload or b"").digest())
     fingerprint = digest.hexdigest()
-    extends = {"video_id": source_id, "prefix_video": "prefix.mp4", "prefix_frames": len(frames)}  # id None: upload
+    extends = {"video_id": source_id, "prefix_video": "prefix.mp4", "prefix_frames": count}  # id None: upload
     return _admit(request, owner, resolved, Idempotency(idem, fingerprint) if idem else None, save_inputs,
                   extends=extends, priority=params.priority, metadata=params.metadata,
                   webhook_url=params.webhook_url, webhook_events=params.webhook_events)
 
 
-MAX_EXTEND_FRAMES = 2000
-"""Longest video (in frames) an extension starts from: its frames are decoded into memory."""
+MAX_EXTEND_BYTES = 1 << 30
+"""Largest video an extension starts from, as decoded RGB frames (the worker holds them while it writes the
+result): 1 GiB is about 380 frames (24 s) at 1280x720 or 890 at 832x480."""
 
 
-def _video_frames(mp4: bytes) -> np.ndarray:
-    """The frames of an MP4 (uint8 [T, H, W, 3]); 400 when it is not a video we can decode or is too long."""
+def _last_frame(mp4: bytes) -> tuple[np.ndarray, int]:
+    """(last frame uint8 [H, W, 3], frame count) of an MP4, decoding one frame at a time; 400 when it is not
+    a video we can decode or its frames would exceed MAX_EXTEND_BYTES."""
     import av
 
+    last, count = None, 0
     try:
         with av.open(io.BytesIO(mp4)) as container:
-            stream = container.streams.video[0]
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) > MAX_EXTEND_FRAMES:
-                    raise APIError(400, f"the video to extend has more than {MAX_EXTEND_FRAMES} frames",
-                                   code="invalid_value", param="video")
+            for frame in container.decode(container.streams.video[0]):
+                last = frame.to_ndarray(format="rgb24")
+                count += 1
+                if count * last.nbytes > MAX_EXTEND_BYTES:
+                    raise APIError(400, f"the video to extend is too long: more than {count - 1} frames at "
+                                        f"{last.shape[1]}x{last.shape[0]}", code="invalid_value", param="video")
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         raise APIError(400, f"the video to extend cannot be decoded: {exc}", code="invalid_value",
                        param="video") from None
-    if not frames:
+    if last is None:
         raise APIError(400, "the video to extend has no frames", code="invalid_value", param="video")
-    return np.stack(frames)
+    return last, count
 
 
 def _extension_preset(request: Request, requested: Optional[str], width: int, height: int) -> spec.Preset:
