@@ -12,14 +12,13 @@ from typing import Optional
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 
 from server import errors
 from server.auth import KeyRing
 from server.catalog import Catalog
 from server.middleware import RequestIdMiddleware
 from server.reads import VideoReads
+from server.redis_client import connect, connect_async
 from server.routes import health, models, ui, videos
 from server.schemas import VideoCreateParams, VideoExtendParams
 from server.settings import Settings
@@ -34,14 +33,11 @@ on each field; a cancelled video reads `status: "failed"`, `error.code: "cancell
 """
 
 
-REDIS_TIMEOUTS = {"socket_connect_timeout": 5.0, "socket_timeout": 10.0}
-
-
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     url = settings.require_redis_url()
-    # Bounded waits: a Redis that stops answering turns into 503s (server.errors), never a hung request.
-    connection = Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS)
+    # Retried on fresh connections, with bounded waits: a Redis that is gone answers 503 (server.errors).
+    connection = connect(url, api=True, health_check_interval=30)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     keys = KeyRing(settings.api_keys)
     if keys.open:
@@ -49,7 +45,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.aredis = AsyncRedis.from_url(url, **REDIS_TIMEOUTS)
+        app.state.aredis = connect_async(url)
         app.state.reads = VideoReads(app.state.aredis)
         log.info("API ready (redis %s, storage %s)", _redact(url), settings.storage_dir)
         try:

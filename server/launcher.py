@@ -30,6 +30,7 @@ from typing import Optional
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from server.redis_client import connect
 from server.settings import Settings
 from turbodiffusion_core.spec import ATTENTION_TYPES, PRESETS
 
@@ -162,7 +163,7 @@ def serve(
         hooks_stop = threading.Event()
         hooks = threading.Thread(
             target=run_webhook_worker,
-            args=(Redis.from_url(settings.redis_url),),
+            args=(connect(settings.redis_url),),
             kwargs={"stop_event": hooks_stop, "logging_level": settings.log_level},
             name="webhook-worker",
             daemon=True,

@@ -26,6 +26,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from server import fleet
 from server.queues import SERIALIZER, queue_names_for
+from server.redis_client import connect
 from server.settings import Settings
 from server.store import Store
 from turbodiffusion_core.spec import ATTENTION_TYPES, PRESETS, get_preset
@@ -106,7 +107,7 @@ def build_runtime(
     """Connect to Redis and load the pipelines (slow: this is where weights are read)."""
     for model in models:
         get_preset(model)
-    connection = Redis.from_url(settings.require_redis_url(), health_check_interval=30)
+    connection = connect(settings.require_redis_url(), health_check_interval=30)
     residency = residency or Residency.load(models, models_dir=settings.models_dir, device=device,
                                             attention=attention, quant=quant)
     return Runtime(name=name or worker_name(), settings=settings, store=Store(connection, settings),

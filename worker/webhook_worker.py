@@ -37,6 +37,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 
+from server.redis_client import connect
 from server.webhooks import WEBHOOK_QUEUE, next_lease_deadline, requeue_abandoned
 
 log = logging.getLogger("turbodiffusion.webhook_worker")
@@ -186,7 +187,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 def _run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redis_conn = Redis.from_url(args.redis_url)
+    redis_conn = connect(args.redis_url)
     where = redis_conn.connection_pool.connection_kwargs  # logged without the URL's password
     log.info("webhook worker on redis %s:%s/%s, queue %s", where.get("host"), where.get("port"), where.get("db"),
              WEBHOOK_QUEUE)
