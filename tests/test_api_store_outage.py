@@ -1,6 +1,7 @@
-"""Redis (the job store) goes away under a running API and comes back: requests get OpenAI's error envelope
-with 503 `store_unavailable` and Retry-After (never a bare 500 or a hung request), the health checks say so,
-and everything works again, nothing lost, once Redis is back on its port."""
+"""Redis (the job store) goes away under a running API and workers and comes back: requests get OpenAI's error
+envelope with 503 `store_unavailable` and Retry-After (never a bare 500 or a hung request), the health checks
+say so, and everything works again once Redis is back on its port (here an empty one, started without
+persistence; docker-compose runs Redis with an append-only file so records survive a restart)."""
 
 from __future__ import annotations
 
