@@ -242,3 +242,39 @@ def test_image_to_video_upload_api_error_and_cancel(page, live, artifacts, tmp_p
     sync_api.expect(page.locator(f'.item[data-id="{video_id}"] .badge')).to_have_text("cancelled")
     page.screenshot(path=str(artifacts / "6-i2v-cancelled.png"), full_page=True)
     assert page.js_errors == []
+
+
+def test_remix_and_extend_from_the_job_panel(page, live, artifacts):
+    """The finished video's panel offers remix and extend with the prompt in the form; each creates a new video
+    through the public API (remix: same settings and seed; extend: the I2V model continues it) and follows it."""
+    open_ui(page, live)
+    page.fill("#prompt", "a lantern floats over a dark lake")
+    page.fill("#frames", "1")
+    page.fill("#steps", "1")
+    page.fill("#seed", "77")
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#job').dataset.status === 'completed'", timeout=60_000)
+    source = page.inner_text("#job-id")
+    assert page.is_visible("#remix") and page.is_visible("#extend")  # tiny-i2v is served here
+
+    page.fill("#prompt", "two lanterns float over a dark lake")
+    page.click("#remix")
+    page.wait_for_function(f"(() => {{ const j = document.querySelector('#job'); return j.dataset.status === "
+                           f"'completed' && document.querySelector('#job-id').textContent !== '{source}'; }})()",
+                           timeout=60_000)
+    remix = api_get(live, f"/v1/videos/{page.inner_text('#job-id')}")
+    assert (remix["remixed_from_video_id"], remix["seed"], remix["prompt"]) == \
+        (source, 77, "two lanterns float over a dark lake")
+    assert f"remix of {source}" in page.inner_text("#job-params")
+
+    page.fill("#prompt", "the lanterns drift away")
+    page.click("#extend")
+    # no tiny-i2v worker runs here: the extension waits in the queue (then is cancelled)
+    page.wait_for_function(f"document.querySelector('#job-id').textContent !== '{remix['id']}' && "
+                           "document.querySelector('#stage').textContent.startsWith('queued')")
+    extension = api_get(live, f"/v1/videos/{page.inner_text('#job-id')}")
+    assert (extension["extended_from_video_id"], extension["model"]) == (remix["id"], "tiny-i2v")
+    page.screenshot(path=str(artifacts / "7-extension-queued.png"), full_page=True)
+    page.click("#cancel")
+    sync_api.expect(page.locator("#stage")).to_have_text("cancelled")
+    assert page.js_errors == [] and page.is_hidden("#error")

@@ -267,6 +267,8 @@ function paramsText(v) {
   if (v.quant) bits.push(v.quant);
   if (v.ode) bits.push("ODE");
   bits.push(v.seed && String(v.seed) !== "0" ? `seed ${v.seed}` : "random seed");
+  if (v.remixed_from_video_id) bits.push(`remix of ${v.remixed_from_video_id}`);
+  if (v.extended_from_video_id) bits.push(`extends ${v.extended_from_video_id}`);
   return bits.filter(Boolean).join(" · ");
 }
 
@@ -279,7 +281,28 @@ function renderJob(v) {
   $("#stage").textContent = stageText(v);
   $("#job-params").textContent = paramsText(v);
   $("#cancel").hidden = finished(v);
+  $("#remix").hidden = v.status !== "completed";
+  $("#extend").hidden = v.status !== "completed" || !state.models.some((m) => m.task === "i2v");
   updateItem(v);
+}
+
+// Remix (POST /v1/videos/{id}/remix) or extend (POST /v1/videos/extensions) the video in the job panel with
+// the prompt written in the form; the new video is followed like a fresh one.
+async function derive(kind) {
+  const v = state.current;
+  if (!v) return;
+  showError(null);
+  const prompt = $("#prompt").value.trim();
+  if (!prompt) { showError(new Error("write the new prompt in the form first")); return; }
+  const [path, body] = kind === "remix"
+    ? [`/v1/videos/${v.id}/remix`, { prompt }]
+    : ["/v1/videos/extensions", { prompt, video: { id: v.id } }];
+  try {
+    follow(await postJSON(path, body));
+    loadHistory(true);
+  } catch (err) {
+    showError(err);
+  }
 }
 
 async function showResult(v) {
@@ -503,6 +526,8 @@ async function start() {
   $("#frames").addEventListener("input", framesHint);
   $("#form").addEventListener("submit", submit);
   $("#cancel").addEventListener("click", cancel);
+  $("#remix").addEventListener("click", () => derive("remix"));
+  $("#extend").addEventListener("click", () => derive("extend"));
   $("#refresh").addEventListener("click", () => loadHistory(true));
   $("#more").addEventListener("click", () => loadHistory(false));
   $("#only-rated").addEventListener("change", (ev) => { document.body.dataset.onlyRated = String(ev.target.checked); });
