@@ -181,14 +181,20 @@ def test_create_watch_play_rate_reload_reuse(page, live, artifacts):
     assert page.js_errors == []
 
 
-def test_random_seed_is_shown_as_used(page, live, artifacts):
+def make_quick_video(page, live, prompt: str, seed: str = "0") -> str:
+    """Open the page, generate a one-frame one-step video, wait until it completes; its id."""
     open_ui(page, live)
-    page.fill("#prompt", "waves on black sand")
+    page.fill("#prompt", prompt)
     page.fill("#frames", "1")
     page.fill("#steps", "1")
+    page.fill("#seed", seed)
     page.click("#submit")
     page.wait_for_function("document.querySelector('#job').dataset.status === 'completed'", timeout=60_000)
-    video_id = page.inner_text("#job-id")
+    return page.inner_text("#job-id")
+
+
+def test_random_seed_is_shown_as_used(page, live, artifacts):
+    video_id = make_quick_video(page, live, "waves on black sand")
     used = api_get(live, f"/v1/videos/{video_id}")["seed"]
     assert used and used > 0
     assert f"seed {used}" in page.inner_text("#stage")
@@ -247,14 +253,7 @@ def test_image_to_video_upload_api_error_and_cancel(page, live, artifacts, tmp_p
 def test_remix_and_extend_from_the_job_panel(page, live, artifacts):
     """The finished video's panel offers remix and extend with the prompt in the form; each creates a new video
     through the public API (remix: same settings and seed; extend: the I2V model continues it) and follows it."""
-    open_ui(page, live)
-    page.fill("#prompt", "a lantern floats over a dark lake")
-    page.fill("#frames", "1")
-    page.fill("#steps", "1")
-    page.fill("#seed", "77")
-    page.click("#submit")
-    page.wait_for_function("document.querySelector('#job').dataset.status === 'completed'", timeout=60_000)
-    source = page.inner_text("#job-id")
+    source = make_quick_video(page, live, "a lantern floats over a dark lake", seed="77")
     assert page.is_visible("#remix") and page.is_visible("#extend")  # tiny-i2v is served here
 
     page.fill("#prompt", "two lanterns float over a dark lake")
