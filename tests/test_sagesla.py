@@ -204,7 +204,7 @@ def test_sagesla_with_an_exact_sparse_kernel_is_the_reference(monkeypatch, block
 
 spas_loads = torch.cuda.is_available() and importlib.util.find_spec("spas_sage_attn") is not None
 on_gpu_with_spas = pytest.mark.skipif(
-    interpreting() or not spas_loads, reason="needs a CUDA GPU and spas_sage_attn (.sage/build_sagesla.sh)"
+    interpreting() or not spas_loads, reason="needs a CUDA GPU and spas_sage_attn (SpargeAttn, built for this GPU)"
 )
 
 
