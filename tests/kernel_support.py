@@ -33,3 +33,23 @@ def check_interpreter_run(test_file: str) -> None:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().float(), ref.detach().float()
     return float((out - ref).norm() / ref.norm())
+
+
+def qkv(batch: int, length: int, heads: int, dim: int, dtype=torch.float16, device="cpu", seed: int = 0):
+    """Random SLA inputs [B, L, H, D] for the attention kernels' tests."""
+    gen = torch.Generator(device).manual_seed(seed)
+    q, k = (torch.randn(batch, length, heads, dim, generator=gen, device=device) for _ in range(2))
+    # A per-channel offset in v makes the linear branch (a weighted mean of all values) large enough to see.
+    v = torch.randn(batch, length, heads, dim, generator=gen, device=device)
+    v = v + torch.randn(dim, generator=gen, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_proj(dim: int, dtype=torch.float16, device="cpu", seed: int = 1) -> torch.nn.Linear:
+    """A random SLA `proj_l` (head_dim x head_dim, with bias)."""
+    torch.manual_seed(seed)
+    proj = torch.nn.Linear(dim, dim, device=device)
+    with torch.no_grad():
+        proj.weight.normal_(0.0, dim**-0.5)
+        proj.bias.normal_(0.0, 0.1)
+    return proj.to(dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tests.kernel_support import check_interpreter_run, on_cpu, on_gpu, rel_err  # noqa: E402
+from tests.kernel_support import check_interpreter_run, on_cpu, on_gpu, qkv, random_proj, rel_err  # noqa: E402
 
 from turbodiffusion_core.attention import sla_triton as sla  # noqa: E402
 from turbodiffusion_core.attention.sla_reference import (  # noqa: E402
@@ -29,25 +29,6 @@ from turbodiffusion_core.attention.sla_reference import (  # noqa: E402
 def test_cpu_kernels_in_interpreter():
     """This file's CPU tests, run in the shared Triton-interpreter process (see tests/kernel_support.py)."""
     check_interpreter_run(__file__)
-
-
-def qkv(batch: int, length: int, heads: int, dim: int, dtype=torch.float16, device="cpu", seed: int = 0):
-    gen = torch.Generator(device).manual_seed(seed)
-    q, k = (torch.randn(batch, length, heads, dim, generator=gen, device=device) for _ in range(2))
-    # A per-channel offset in v makes the linear branch (a weighted mean of all values) large enough to see.
-    v = torch.randn(batch, length, heads, dim, generator=gen, device=device)
-    v = v + torch.randn(dim, generator=gen, device=device)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def random_proj(dim: int, dtype=torch.float16, device="cpu", seed: int = 1) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    proj = torch.nn.Linear(dim, dim, device=device)
-    with torch.no_grad():
-        proj.weight.normal_(0.0, dim**-0.5)
-        proj.bias.normal_(0.0, 0.1)
-    return proj.to(dtype)
-
 
 
 @on_cpu

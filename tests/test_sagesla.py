@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tests.kernel_support import on_cpu, rel_err  # noqa: E402
+from tests.kernel_support import on_cpu, qkv, random_proj, rel_err  # noqa: E402
 
 from turbodiffusion_core.attention import AttentionUnavailable, get_backend  # noqa: E402
 from turbodiffusion_core.attention import sagesla as sg  # noqa: E402
@@ -37,24 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 BLOCKS = [sg.HOPPER_BLOCKS, sg.MMA_BLOCKS]
 real_find_spec = importlib.util.find_spec
-
-
-def qkv(batch, length, heads, dim, dtype=torch.float16, device="cpu", seed=0):
-    gen = torch.Generator(device).manual_seed(seed)
-    q, k = (torch.randn(batch, length, heads, dim, generator=gen, device=device) for _ in range(2))
-    # A per-channel offset in v makes the linear branch (a weighted mean of all values) large enough to see.
-    v = torch.randn(batch, length, heads, dim, generator=gen, device=device)
-    v = v + torch.randn(dim, generator=gen, device=device)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def random_proj(dim, dtype=torch.float16, device="cpu", seed=1) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    proj = torch.nn.Linear(dim, dim, device=device)
-    with torch.no_grad():
-        proj.weight.normal_(0.0, dim**-0.5)
-        proj.bias.normal_(0.0, 0.1)
-    return proj.to(dtype)
 
 
 def spas_installed(monkeypatch, installed: bool, load_error=None) -> None:
