@@ -102,6 +102,40 @@ def _int32_to_float32(i):
     return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row tiles in a row share their weight
+    column tiles while those are in L2. Shared by the int8 GEMMs (tile here, rowcol in rowcol_kernels.py)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % group) % group_rows, (pid % group) // group_rows
+
+
+@triton.jit
+def _load_k_step(a_ptrs, w_ptrs, k_start, offs_k, K, EVEN_K: tl.constexpr):
+    """The A [BLOCK_M, BLOCK_K] and W^T [BLOCK_K, BLOCK_N] int8 tiles of one K step (zeros past K)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        w = tl.load(w_ptrs)
+    else:
+        k_ok = k_start + offs_k < K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+    return a, w
+
+
+@triton.jit
+def _store_tile(out, c_ptr, bias_ptr, offs_m, offs_n, safe_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
+    """out (+ bias) -> C[offs_m, offs_n] in C's dtype, rows and columns past M, N masked."""
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
 TILE_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": g}, num_warps=w, num_stages=s)
     for bm, bn, g, w, s in (
@@ -123,14 +157,7 @@ def _int8_tile_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = sum_kt sA[m/128, kt] sW[n/128, kt] (qA[:, kt] . qW[:, kt]) (+ bias), grouped tile order."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_n = (pid % group) // group_rows
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,13 +176,7 @@ def _int8_tile_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     scale = tl.load(a_scale_ptr) * tl.load(w_scale_ptr)
     for kt in tl.range(0, tiles_k):  # one 128-wide K tile per step; loads software-pipelined over num_stages
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = kt * TILE_K + offs_k < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        a, w = _load_k_step(a_ptrs, w_ptrs, kt * TILE_K, offs_k, K, EVEN_K)
         # next step's scales now, so their latency hides under this step's MMA
         more = kt + 1 < tiles_k
         next_a_scale = tl.load(a_scale_ptr + kt + 1, mask=more, other=0.0)
@@ -166,10 +187,7 @@ def _int8_tile_gemm_kernel(
         a_ptrs += TILE_K
         w_ptrs += TILE_K
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, safe_n, M, N, stride_cm, HAS_BIAS)
 
 
 def fp8_fast_accum_default() -> bool:

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from turbodiffusion_core.kernels.jit_math import gelu_tanh, rint
 from turbodiffusion_core.kernels.triton_support import autotune
-from turbodiffusion_core.quant.kernels import _check_activation, _flat_rows
+from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _grouped_tile, _load_k_step,
+                                                _store_tile)
 from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR, MAX_K
 
 
@@ -117,14 +118,7 @@ def _int8_rowcol_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = float(qA . qW^T) * sA[:, None] * sW[None, :] (+ bias), int32 accumulation, grouped order."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_n = (pid % group) // group_rows
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,13 +130,7 @@ def _int8_rowcol_gemm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for kt in tl.range(0, tl.cdiv(K, BLOCK_K)):  # software-pipelined over num_stages
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = kt * BLOCK_K + offs_k < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        a, w = _load_k_step(a_ptrs, w_ptrs, kt * BLOCK_K, offs_k, K, EVEN_K)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -150,10 +138,7 @@ def _int8_rowcol_gemm_kernel(
     a_scale = tl.load(a_scale_ptr + safe_m)
     w_scale = tl.load(w_scale_ptr + safe_n)
     out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    _store_tile(out, c_ptr, bias_ptr, offs_m, offs_n, safe_n, M, N, stride_cm, HAS_BIAS)
 
 
 def quantize_rows_int8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
