@@ -332,7 +332,7 @@ def check_quant(report: Report, rows: int) -> None:
 
 def _check_rowcol(report: Report, name: str, label: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   dense: torch.Tensor, bf16_ms: float, target: str, tiles: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """INT8 per-channel ("rowcol", TD_INT8_KERNEL's default): row quantizer, GEMM, whole linear. The weight is
+    """INT8 per-channel ("rowcol", TD_INT8_KERNEL=rowcol): row quantizer, GEMM, whole linear. The weight is
     the `-quant` checkpoint's tiles re-quantized per channel, as `TileInt8Linear` does on the GPU."""
     from turbodiffusion_core.quant import rowcol_kernels as rk
     from turbodiffusion_core.quant.rowcol_int8 import (
