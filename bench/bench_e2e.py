@@ -277,6 +277,15 @@ class Bench:
         fields.update(kw)
         return spec.resolve(spec.GenerationRequest(**fields))
 
+    def run_vae(self):
+        """Our VAE as the pipelines run it (run dtype, channels-last on CUDA): the vae section's, or a fresh
+        one with the same seeded weights when that section did not run or failed."""
+        if "vae" not in self.state:
+            c = self.cfg
+            vae = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
+            self.state["vae"] = vae.use_channels_last() if c["device"] == "cuda" else vae
+        return self.state["vae"]
+
     # --- sections --------------------------------------------------------------------------------
     def build(self) -> dict:
         c, out = self.cfg, {}
@@ -364,12 +373,9 @@ class Bench:
         quantize_model_linears(dit, c["quant"])
         dit.quant = c["quant"]
         free_memory()
-        if "vae" not in self.state:  # the vae section failed: build ours directly
-            v = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
-            self.state["vae"] = v.use_channels_last() if c["device"] == "cuda" else v
         pipe = VideoPipeline.from_modules(
             c["t2v_preset"], text_encoder=text_encoder_from(self.state.pop("t5"), self.workdir),
-            vae=self.state["vae"], experts={"dit": dit}, device=torch.device(c["device"]), dtype=c["dtype"],
+            vae=self.run_vae(), experts={"dit": dit}, device=torch.device(c["device"]), dtype=c["dtype"],
             attention=c["attention"], quant=c["quant"])
         self.state["pipe"] = pipe
         reset_peak()
@@ -503,11 +509,7 @@ class Bench:
         t5 = self.state.pop("t5", None)
         if t5 is None:
             t5 = random_umt5(c["t5"], c["device"], torch.bfloat16 if c["device"] == "cuda" else torch.float32)
-        vae = self.state.get("vae")
-        if vae is None:
-            vae = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
-            if c["device"] == "cuda":
-                vae.use_channels_last()
+        vae = self.run_vae()
         start = time.perf_counter()
         dit = random_dit(c["t2v14_arch"], c["device"], c["dtype"], seed=20)
         quantize_model_linears(dit, c["quant"])
@@ -563,11 +565,7 @@ class Bench:
         stand_in = random_umt5(c["t5"], c["device"], torch.bfloat16 if c["device"] == "cuda" else torch.float32,
                                layers=1, vocab=1024)
         assert stand_in.config.d_model == d_model
-        vae = self.state.get("vae")
-        if vae is None:
-            vae = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
-            if c["device"] == "cuda":
-                vae.use_channels_last()
+        vae = self.run_vae()
         pipe = VideoPipeline.from_modules(
             c["i2v_preset"], text_encoder=text_encoder_from(stand_in, self.workdir), vae=vae, experts=experts,
             device=torch.device(c["device"]), dtype=c["dtype"], attention=c["attention"], quant=c["quant"],
