@@ -33,11 +33,15 @@ class CreateBody:
     upload: Optional[bytes]  # raw bytes of a multipart `input_reference` file
 
     def fingerprint(self) -> str:
-        """Hash of what was asked, for Idempotency-Key comparison."""
-        h = hashlib.sha256(json.dumps(self.params.model_dump(mode="json"), sort_keys=True).encode())
-        if self.upload is not None:
-            h.update(hashlib.sha256(self.upload).digest())
-        return h.hexdigest()
+        return fingerprint(self.params.model_dump(mode="json"), self.upload)
+
+
+def fingerprint(fields: dict[str, Any], upload: Optional[bytes] = None) -> str:
+    """Hash of what a request asked (its fields and any uploaded file), for Idempotency-Key comparison."""
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    if upload is not None:
+        h.update(hashlib.sha256(upload).digest())
+    return h.hexdigest()
 
 
 def fold_form(items: list[tuple[str, Any]]) -> dict[str, Any]:

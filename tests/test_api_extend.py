@@ -48,9 +48,11 @@ def test_extension_is_the_original_followed_by_the_new_segment(make_client, star
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
 
     # JSON works too, and an extension can itself be extended
-    again = client.post("/v1/videos/extensions", json={"prompt": "night falls", "video": {"id": video["id"]},
-                                                       "num_frames": 5, "steps": 1, "seed": 3})
+    body = {"prompt": "night falls", "video": {"id": video["id"]}, "num_frames": 5, "steps": 1, "seed": 3}
+    again = client.post("/v1/videos/extensions", json=body, headers={"idempotency-key": "ext-1"})
     assert again.status_code == 200, again.text
+    replay = client.post("/v1/videos/extensions", json=body, headers={"idempotency-key": "ext-1"})
+    assert replay.json()["id"] == again.json()["id"] and replay.headers.get("idempotent-replayed") == "true"
     longer = wait_status(client, again.json()["id"])
     assert longer["status"] == "completed" and longer["num_frames"] == 13 and longer["seed"] == 3
     assert decoded(client, longer["id"]).shape[0] == 13

@@ -23,9 +23,7 @@ Documented behaviour beyond OpenAI's API:
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import shutil
@@ -39,7 +37,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import current_owner
-from server.bodies import CreateBody, read_create_body, read_extend_body
+from server.bodies import CreateBody, fingerprint, read_create_body, read_extend_body
 from server.errors import APIError, validation_error
 from server.events import video_events
 from server.images import ReferenceImage, resolve_reference
@@ -294,11 +292,9 @@ def _extend(request: Request, owner: str, params: Any, upload: Optional[bytes],
         (folder / "prefix.mp4").write_bytes(mp4)
         return "input.png"
 
-    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update(hashlib.sha256(upload or b"").digest())
-    fingerprint = digest.hexdigest()
+    asked = fingerprint(params.model_dump(mode="json"), upload)
     extends = {"video_id": source_id, "prefix_video": "prefix.mp4", "prefix_frames": count}  # id None: upload
-    return _admit(request, owner, resolved, Idempotency(idem, fingerprint) if idem else None, save_inputs,
+    return _admit(request, owner, resolved, Idempotency(idem, asked) if idem else None, save_inputs,
                   extends=extends, priority=params.priority, metadata=params.metadata,
                   webhook_url=params.webhook_url, webhook_events=params.webhook_events)
 
@@ -472,9 +468,8 @@ def _remix(request: Request, owner: str, source_id: str, params: Any,
             folder.mkdir(parents=True, exist_ok=True)
             return shutil.copy2(image, folder / image.name).name
 
-    fingerprint = hashlib.sha256(
-        json.dumps({"remix_of": source_id, **params.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest()
-    idempotency = Idempotency(idem, fingerprint) if idem else None
+    asked = fingerprint({"remix_of": source_id, **params.model_dump(mode="json")})
+    idempotency = Idempotency(idem, asked) if idem else None
     record = {name: given.get(name, source.get(name)) for name in ("priority", "metadata", "webhook_url",
                                                                      "webhook_events")}
     return _admit(request, owner, resolved, idempotency, save_image, remixed_from=source_id, **record)
