@@ -190,13 +190,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def assert_same_video(a, b, what: str = "") -> None:
+def assert_same_video(a, b, what: str = "", max_mean: float = 1.0) -> None:
     """Two MP4 encodes of the same frames, decoded: the same video up to encoder noise.
 
     libx264 does not always code identical frames identically within one process (measured here: mean
     |diff| 0.16 and PSNR ~39 dB between two encodes of the tiny model's noisy frames, mean 0.41 / ~50 dB on
     a smooth gradient), so decoded MP4s are compared with bounds that a different video (another seed:
     mean ~18, ~21 dB) is far from. The frames themselves are compared exactly where a test has them.
+    `max_mean` allows more for frames that went through H.264 twice (decoded, then encoded again).
     """
     import numpy as np
 
@@ -205,7 +206,7 @@ def assert_same_video(a, b, what: str = "") -> None:
     mean_abs = float(np.abs(a - b).mean())
     mse = float(((a - b) ** 2).mean())
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    assert mean_abs < 1.0 and psnr > 30.0, (what, mean_abs, psnr)
+    assert mean_abs < max_mean and psnr > 30.0, (what, mean_abs, psnr)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""):
