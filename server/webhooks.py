@@ -315,7 +315,12 @@ def requeue_abandoned(redis_conn: Redis, now: Optional[float] = None) -> list[st
 
 def next_lease_deadline(redis_conn: Redis) -> Optional[float]:
     """The earliest deadline of an attempt in progress, or None when none is."""
-    first = redis_conn.zrange(INFLIGHT, 0, 0, withscores=True)
+    return earliest_score(redis_conn, INFLIGHT)
+
+
+def earliest_score(redis_conn: Redis, key: str) -> Optional[float]:
+    """The lowest score in the sorted set `key` (a time, here), or None when it is empty."""
+    first = redis_conn.zrange(key, 0, 0, withscores=True)
     return float(first[0][1]) if first else None
 
 

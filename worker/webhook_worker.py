@@ -38,7 +38,7 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 
 from server.redis_client import connect
-from server.webhooks import WEBHOOK_QUEUE, next_lease_deadline, requeue_abandoned
+from server.webhooks import WEBHOOK_QUEUE, earliest_score, next_lease_deadline, requeue_abandoned
 
 log = logging.getLogger("turbodiffusion.webhook_worker")
 
@@ -117,13 +117,8 @@ class WebhookWorker(SimpleWorker):
 
     def _next_scheduled_time(self) -> Optional[float]:
         """Unix time of the earliest scheduled retry on our queues, or None if there is none."""
-        times = []
-        for queue in self.queues:
-            registry = ScheduledJobRegistry(queue=queue)
-            first = self.connection.zrange(registry.key, 0, 0, withscores=True)
-            if first:
-                times.append(float(first[0][1]))
-        return min(times) if times else None
+        times = [earliest_score(self.connection, ScheduledJobRegistry(queue=queue).key) for queue in self.queues]
+        return min((t for t in times if t is not None), default=None)
 
     def teardown(self) -> None:
         super().teardown()
