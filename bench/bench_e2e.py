@@ -218,7 +218,9 @@ def count_params(model) -> int:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.cfg = SMOKE if args.smoke else REAL
+        self.cfg = dict(SMOKE if args.smoke else REAL)
+        if args.attention:
+            self.cfg["attention"] = args.attention
         self.started = time.perf_counter()
         self.workdir = Path(tempfile.mkdtemp(prefix="td-e2e-"))
         self.state: dict[str, Any] = {}
@@ -231,6 +233,8 @@ class Bench:
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
+            "attention": self.cfg["attention"],
+            "quant": self.cfg["quant"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "sections": {},
         }
@@ -685,8 +689,9 @@ class Bench:
             return "-" if v is None else v
 
         print(f"\n{self.result['gpu']}, torch {self.result['torch']}  ({self.result['seconds']} s)")
+        label = f"{self.cfg['attention']}+{self.cfg['quant']}"
         rows = [
-            ("T2V 1.3B 480p 81f 4 steps sla+fp8: request -> MP4 (median)", get("e2e_t5_gpu", "to_mp4_s_median"), "s"),
+            (f"T2V 1.3B 480p 81f 4 steps {label}: request -> MP4 (median)", get("e2e_t5_gpu", "to_mp4_s_median"), "s"),
             ("  all outputs (MP4 + thumbnail + spritesheet)", get("e2e_t5_gpu", "all_outputs_s_median"), "s"),
             ("  same prompt again (prompt cache hit)", get("e2e_t5_gpu", "cache_hit_to_mp4_s"), "s"),
             ("  without overlap (frames, then files)", s.get("e2e_t5_gpu", {}).get("not_overlapped", {}).get("total_s", "-"), "s"),
@@ -706,7 +711,7 @@ class Bench:
         if "t2v_14b" in s:
             t = s["t2v_14b"]
             rows += [
-                ("T2V 14B 720p 81f 4 steps sla+fp8: request -> MP4 (median)", t.get("to_mp4_s_median", "-"), "s"),
+                (f"T2V 14B 720p 81f 4 steps {label}: request -> MP4 (median)", t.get("to_mp4_s_median", "-"), "s"),
                 ("  stages (median)", t.get("stage_median_s", "-"), "s"),
                 ("  peak GPU memory, text encoder on GPU", t.get("peak_allocated_gb", "-"), "GiB"),
             ]
@@ -746,6 +751,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="sections that would not finish within this many seconds are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
+    ap.add_argument("--attention", default=None, choices=["sla", "sagesla", "auto", "original"],
+                    help="attention backend of the pipelines (default sla, our Triton kernel; auto = the server's "
+                         "default: sagesla where spas_sage_attn loads)")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)

@@ -204,7 +204,7 @@ def check_sagesla(report: Report, q, k, v, proj, sdpa_ms: float, label: str) -> 
 
     if importlib.util.find_spec("spas_sage_attn") is None:
         report.add(Row("sla", "sagesla skipped", label, gating=False,
-                       note="spas_sage_attn is not installed (bash .sage/build_sagesla.sh, then PYTHONPATH)"))
+                       note="spas_sage_attn is not installed (build it from SpargeAttn's source: README, attention backends)"))
         return
     from turbodiffusion_core.attention import sagesla as sg
     from turbodiffusion_core.attention import sla_triton as st

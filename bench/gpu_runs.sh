@@ -12,7 +12,7 @@
 #   dit      bench_dit.py, 1.3B 480p: diffusers vs original / sla x bf16 / fp8 / int8-tile / int8-rowcol,
 #            and sagesla when spas_sage_attn imports                                            (~3 min)
 #   dit14b   bench_dit.py --configs "" --with-14b: the 14B DiT at 480p and 720p                 (~5 min)
-#   e2e      bench_e2e.py, the 1.3B T2V sections (request -> MP4, VAE vs diffusers, baseline)  (~3 min)
+#   e2e      bench_e2e.py --attention auto, the 1.3B T2V sections (request -> MP4, VAE, baseline)  (~1 min)
 #   e2e14b   bench_e2e.py --only t2v_14b,i2v_a14b: 14B T2V 720p and the I2V A14B experts      (~7 min)
 #   sp       bench_sp.py --counts 1,N for the GPUs present: 14B 720p sequence parallel          (~6 min)
 #
@@ -66,7 +66,7 @@ run_step() {
       --out "$OUT_DIR/dit14b_h100.json"
     ;;
   e2e)
-    step e2e python3 bench/bench_e2e.py --no-i2v --requests 3 --budget-s 400 --out "$OUT_DIR/e2e_h100.json"
+    step e2e python3 bench/bench_e2e.py --no-i2v --attention auto --requests 3 --budget-s 400 --out "$OUT_DIR/e2e_h100.json"
     ;;
   e2e14b)
     step e2e14b python3 bench/bench_e2e.py --only t2v_14b,i2v_a14b --budget-s 520 --out "$OUT_DIR/e2e14b_h100.json"

@@ -5,8 +5,8 @@ Which layers: exactly TurboDiffusion's choice (reference/turbodiffusion.md §4):
 Embeddings, time projection, head, norms and modulation stay in floating point.
 
 Mode "int8" loads TurboDiffusion's `-quant` files (128x128 tile scales) into `TileInt8Linear`; on the GPU it
-runs either a per-channel int8 GEMM on a once re-quantized weight (TD_INT8_KERNEL=rowcol) or
-TurboDiffusion's tile math (TD_INT8_KERNEL=tile, the default); tile_int8.py explains the choice. Mode "fp8" is our own
+runs either a per-channel int8 GEMM on a once re-quantized weight (TD_INT8_KERNEL=rowcol, the default) or
+TurboDiffusion's tile math (TD_INT8_KERNEL=tile); tile_int8.py explains the choice. Mode "fp8" is our own
 load-time e4m3 quantization (fp8.py).
 """
 
