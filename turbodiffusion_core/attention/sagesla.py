@@ -186,32 +186,6 @@ def sagesla_attention(
     return sla_add_linear(q, sparse, prep, proj_l.weight, proj_l.bias).to(dtype)
 
 
-def sagesla_takes(q: torch.Tensor) -> bool:
-    """Whether SpargeAttn's kernels take these queries ([B, L, H, D]): a CUDA GPU of compute capability
-    8.0 or newer, head_dim 64 or 128, at least MIN_TOKENS tokens."""
-    return (
-        q.dim() == 4 and q.shape[-1] in HEAD_DIMS and q.shape[1] >= MIN_TOKENS
-        and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0)
-    )
-
-
-def sagesla_or_sla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    proj_l: Optional[nn.Linear] = None,
-    topk: float = 0.1,
-) -> torch.Tensor:
-    """`auto`'s backend where spas_sage_attn loads: sagesla for what its kernels take, else `sla`'s kernel
-    (a small test model, an unusual head size), so asking for "auto" never fails on a shape."""
-    if sagesla_takes(q):
-        return sagesla_attention(q, k, v, proj_l=proj_l, topk=topk)
-    from turbodiffusion_core.attention.sla_triton import sla_triton
-
-    return sla_triton(q, k, v, proj_l=proj_l, topk=topk)
-
-
 def sagesla(
     q: torch.Tensor,
     k: torch.Tensor,
