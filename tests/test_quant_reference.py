@@ -196,9 +196,9 @@ def test_per_channel_module_on_cpu_and_its_checkpoint_layout(monkeypatch) -> Non
 
 def test_int8_kernel_choice_reads_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("TD_INT8_KERNEL", raising=False)
-    assert int8_kernel_choice() == "tile"
-    monkeypatch.setenv("TD_INT8_KERNEL", " RowCol ")
     assert int8_kernel_choice() == "rowcol"
+    monkeypatch.setenv("TD_INT8_KERNEL", " Tile ")
+    assert int8_kernel_choice() == "tile"
     monkeypatch.setenv("TD_INT8_KERNEL", "cutlass")
     with pytest.raises(ValueError, match="rowcol, tile"):
         int8_kernel_choice()
