@@ -85,6 +85,34 @@ def test_image_to_video_end_to_end(make_client, start_worker):
         assert sum(1 for _ in container.decode(video=0)) == 5
 
 
+def test_image_size_with_and_without_adaptive_resolution(make_client, start_worker):
+    """Issue 5's check through the API: an image with adaptive_resolution gives the size of TurboDiffusion's
+    formula at the preset's area; without it, the preset's size (the image is resized). At the tiny preset's
+    area a 1000x600 image rounds to the preset's own 224x128, so a portrait image shows the difference too."""
+    from turbodiffusion_core.spec import adaptive_size
+
+    client = make_client(models=["tiny-i2v"])
+    start_worker("tiny-i2v")
+    sizes = {}
+    for width, height, adaptive in ((1000, 600, "true"), (600, 1000, "true"), (600, 1000, "false")):
+        image = io.BytesIO()
+        Image.new("RGB", (width, height), (90, 160, 40)).save(image, format="PNG")
+        created = client.post("/v1/videos", data={"prompt": "grass sways", "model": "tiny-i2v", "num_frames": "5",
+                                                  "steps": "1", "adaptive_resolution": adaptive},
+                              files={"input_reference": ("field.png", image.getvalue(), "image/png")})
+        assert created.status_code == 200, created.text
+        video = wait_status(client, created.json()["id"])
+        assert video["status"] == "completed", video
+        mp4 = client.get(f"/v1/videos/{video['id']}/content").content
+        with av.open(io.BytesIO(mp4)) as container:
+            frame = next(container.decode(video=0))
+        assert f"{frame.width}x{frame.height}" == video["size"]
+        sizes[width, height, adaptive] = video["size"]
+    expect = {(w, h, "true"): "{}x{}".format(*adaptive_size(w, h, 224 * 128)) for w, h in ((1000, 600), (600, 1000))}
+    assert sizes == {**expect, (600, 1000, "false"): "224x128"}
+    assert sizes[600, 1000, "true"] == "128x224"
+
+
 def test_events_stream_progress_until_done(client, start_worker):
     start_worker(test_step_delay=0.6)  # each step outlasts a few of the stream's 0.2 s polls
     video = client.post("/v1/videos", json=SLOW_JSON).json()
