@@ -7,6 +7,7 @@ separate interpreter process (the run is cached and shared) and checks its own l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,27 @@ def random_proj(dim: int, dtype=torch.float16, device="cpu", seed: int = 1) -> t
         proj.weight.normal_(0.0, dim**-0.5)
         proj.bias.normal_(0.0, 0.1)
     return proj.to(dtype)
+
+
+def enliven_dit(model: torch.nn.Module) -> torch.nn.Module:
+    """Give a freshly built DiT non-trivial adaLN modulation and SLA `proj_l` weights (their initial values
+    are small or zero, which would hide mistakes in the paths that use them)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("modulation") or "proj_l" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def dit_forward(model: torch.nn.Module, inputs: tuple, *, fused: bool, **kw) -> torch.Tensor:
+    """One inference forward with the DiT's fused Triton block path on or off (TD_NO_FUSED)."""
+    before = os.environ.get("TD_NO_FUSED")
+    os.environ["TD_NO_FUSED"] = "0" if fused else "1"
+    try:
+        with torch.inference_mode():
+            return model(*inputs, **kw)
+    finally:
+        if before is None:
+            os.environ.pop("TD_NO_FUSED", None)
+        else:
+            os.environ["TD_NO_FUSED"] = before

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from tests.kernel_support import dit_forward, enliven_dit
 from turbodiffusion_core.models.configs import DiTConfig
 from turbodiffusion_core.models.dit import WanModel
 
@@ -18,33 +19,20 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _run(model, inputs, fused: bool, **kw):
-    os.environ["TD_NO_FUSED"] = "0" if fused else "1"
-    try:
-        with torch.inference_mode():
-            return model(*inputs, **kw)
-    finally:
-        os.environ.pop("TD_NO_FUSED", None)
-
-
 @pytest.mark.parametrize("attention,quant", [("original", None), ("sla", None), ("original", "fp8"),
                                              ("sla", "int8")])
 def test_fused_path_matches_unfused(attention, quant):
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        model = WanModel(CFG, with_sla_proj=True, quant=quant)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("modulation") or "proj_l" in name:
-                p.normal_(0, 0.05)
+        model = enliven_dit(WanModel(CFG, with_sla_proj=True, quant=quant))
     model.set_dtype(torch.bfloat16).eval()
     x = torch.randn(1, 16, 5, 32, 48, device="cuda", dtype=torch.bfloat16)  # 5*16*24 = 1920 tokens
     t = torch.tensor([900.0], device="cuda")
     ctx = torch.randn(1, 100, CFG.text_dim, device="cuda", dtype=torch.bfloat16)
     kw = {"attention": attention, "sla_topk": 0.5}
-    fused = _run(model, (x, t, ctx), True, **kw)
-    plain = _run(model, (x, t, ctx), False, **kw)
+    fused = dit_forward(model, (x, t, ctx), fused=True, **kw)
+    plain = dit_forward(model, (x, t, ctx), fused=False, **kw)
     err = _rel(fused, plain)
     print(f"seed {seed} {attention} {quant}: fused vs unfused rel err {err:.2e}")
     assert torch.isfinite(fused).all()

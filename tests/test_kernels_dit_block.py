@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.kernel_support import check_interpreter_run, on_cpu, rel_err  # noqa: E402
+from tests.kernel_support import check_interpreter_run, dit_forward, enliven_dit, on_cpu, rel_err  # noqa: E402
 from turbodiffusion_core.kernels import norm  # noqa: E402
 from turbodiffusion_core.models.configs import DiTConfig  # noqa: E402
 from turbodiffusion_core.models.dit import WanModel  # noqa: E402
@@ -27,21 +27,11 @@ def test_cpu_kernels_in_interpreter():
     check_interpreter_run(__file__)
 
 
-def _forward(model: WanModel, inputs: tuple, attention: str, monkeypatch, fused: bool) -> torch.Tensor:
-    monkeypatch.setenv("TD_NO_FUSED", "0" if fused else "1")
-    with torch.inference_mode():
-        return model(*inputs, attention=attention, sla_topk=0.5)
-
-
 @on_cpu
 @pytest.mark.parametrize("attention,quant", [("original", None), ("sla", None), ("sla", "fp8"), ("sla", "int8")])
 def test_fused_block_path_matches_the_unfused_one(attention, quant, monkeypatch):
     torch.manual_seed(11)
-    model = WanModel(CFG, with_sla_proj=True, quant=quant).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("modulation") or "proj_l" in name:
-                p.normal_(0, 0.05)
+    model = enliven_dit(WanModel(CFG, with_sla_proj=True, quant=quant)).eval()
     x = torch.randn(1, 16, 2, 8, 8)  # 2 x 4 x 4 = 32 tokens
     t = torch.tensor([900.0])
     ctx = torch.randn(1, 7, CFG.text_dim)
@@ -50,13 +40,14 @@ def test_fused_block_path_matches_the_unfused_one(attention, quant, monkeypatch)
     real = norm.residual_layernorm
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("out_dtype"))
+        calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(norm, "residual_layernorm", counted)
-    fused = _forward(model, (x, t, ctx), attention, monkeypatch, fused=True)
+    kw = {"attention": attention, "sla_topk": 0.5}
+    fused = dit_forward(model, (x, t, ctx), fused=True, **kw)
     assert len(calls) == 4 * CFG.num_layers  # the fused path ran: 4 residual/norm passes a block
-    plain = _forward(model, (x, t, ctx), attention, monkeypatch, fused=False)
+    plain = dit_forward(model, (x, t, ctx), fused=False, **kw)
     assert len(calls) == 4 * CFG.num_layers  # and the unfused one did not use the kernels
     assert fused.shape == plain.shape and torch.isfinite(fused).all()
     assert rel_err(fused, plain) < 1e-4
