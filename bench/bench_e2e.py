@@ -752,8 +752,8 @@ def main() -> int:
                     help="sections that would not finish within this many seconds are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     ap.add_argument("--attention", default=None, choices=["sla", "sagesla", "auto", "original"],
-                    help="attention backend of the pipelines (default sla, our Triton kernel; auto = the server's "
-                         "default: sagesla where spas_sage_attn loads)")
+                    help="attention backend of the pipelines (default sla, our Triton kernel; auto: what a worker "
+                         "picks by default)")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
