@@ -20,7 +20,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("attention,quant", [("original", None), ("sla", None), ("original", "fp8"),
-                                             ("sla", "int8")])
+                                             ("sla", "fp8"), ("sla", "int8")])
 def test_fused_path_matches_unfused(attention, quant):
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)

@@ -50,4 +50,5 @@ def test_fused_block_path_matches_the_unfused_one(attention, quant, monkeypatch)
     plain = dit_forward(model, (x, t, ctx), fused=False, **kw)
     assert len(calls) == 4 * CFG.num_layers  # and the unfused one did not use the kernels
     assert fused.shape == plain.shape and torch.isfinite(fused).all()
-    assert rel_err(fused, plain) < 1e-4
+    # FP8: the fused path hands its linears e4m3 rows (W8A8), the unfused one runs them weight-only on the CPU
+    assert rel_err(fused, plain) < (5e-2 if quant == "fp8" else 1e-4)

@@ -171,6 +171,31 @@ def test_qk_norm_rope_in_place_on_head_layout():
     assert torch.allclose(q, q_ref, rtol=1e-5, atol=1e-5) and torch.allclose(k, k_ref, rtol=1e-5, atol=1e-5)
 
 
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_rows_matches_the_dit_norm(dtype):
+    """The cross-attention's q norm: the kernel against the DiT's own RMSNorm module, out of place on a
+    [B, L, C] tensor and in place on the rows of a wider buffer (a column slice: strided rows)."""
+    from turbodiffusion_core.models import dit
+
+    gen = torch.Generator().manual_seed(6)
+    norm_q = dit.RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm_q.weight.normal_(1.0, 0.3, generator=gen)
+        x = torch.randn(2, 9, 96, generator=gen).to(dtype) * 3
+        out = rope.rms_norm_rows(x, norm_q.weight, eps=1e-6)
+        ref = norm_q(x)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    assert out.shape == x.shape and out.dtype == dtype and out.data_ptr() != x.data_ptr()
+    assert torch.allclose(out.float(), ref.float(), **tol)
+    wide = torch.randn(18, 160, generator=gen).to(dtype)
+    rows = wide[:, 32:128]
+    with torch.no_grad():
+        ref = norm_q(rows.clone())
+        got = rope.rms_norm_rows(rows, norm_q.weight, eps=1e-6, inplace=True)
+    assert torch.allclose(got.float(), ref.float(), **tol)
+
+
 @on_gpu
 @pytest.mark.gpu
 def test_gpu_fused_kernels_match_references():
@@ -189,5 +214,7 @@ def test_gpu_fused_kernels_match_references():
     q_out, k_out = rope.qk_norm_rope(q, k, wq, wk, rotations, num_heads=12)
     q_ref, k_ref = rope.qk_norm_rope_reference(q, k, wq, wk, rotations, num_heads=12)
     errs["qk_norm_rope"] = max(rel_err(q_out, q_ref), rel_err(k_out, k_ref))
+    q_ref = torch.nn.functional.rms_norm(q.float(), (1536,), wq, 1e-6).to(q.dtype)
+    errs["rms_norm_rows"] = rel_err(rope.rms_norm_rows(q, wq, eps=1e-6), q_ref)
     print("fused kernels rel err:", {name: f"{err:.2e}" for name, err in errs.items()})
     assert all(err < 1e-2 for err in errs.values())

@@ -62,6 +62,22 @@ def test_fp8_row_quantizer_matches_reference_exactly():
 
 
 @on_cpu
+def test_every_fp8_row_quantizer_config_matches_the_reference(monkeypatch):
+    """The interpreter launches the autotuned quantizer with its first config; here each in turn: rows
+    wider than BLOCK_K (the chunked two-read path) and narrower (one read), with and without GELU."""
+    x = activations(5, 2100, dtype=torch.float32)
+    ref_q, ref_scale = quantize_fp8_rowwise(x)
+    ref_gq, ref_gscale = quantize_fp8_rowwise(F.gelu(x, approximate="tanh"))
+    for config in qk.FP8_ROWQUANT_CONFIGS:
+        monkeypatch.setattr(qk._fp8_rowquant_kernel, "config", config)
+        q, scale = qk.quantize_rows_fp8(x)
+        assert torch.equal(scale.view(-1), ref_scale) and torch.equal(q.float(), ref_q.float()), config
+        q, scale = qk.quantize_rows_fp8(x, act="gelu_tanh")
+        assert torch.allclose(scale.view(-1), ref_gscale, rtol=1e-6, atol=0), config
+        assert (q.float() == ref_gq.float()).float().mean() > 0.99, config
+
+
+@on_cpu
 def test_fp8_quantizer_with_fused_gelu():
     x = activations(16, 96, dtype=torch.float32)
     q, scale = qk.quantize_rows_fp8(x, act="gelu_tanh")

@@ -25,6 +25,7 @@ from turbodiffusion_core.quant import (
     w8a8_rowcol_reference,
     w8a8_tile_reference,
 )
+from turbodiffusion_core.quant.fp8 import Fp8Rows, Fp8WeightOnlyLinear, quantize_fp8_rowwise
 from turbodiffusion_core.quant.rowcol_int8 import int8_matmul_exact
 
 QUANT_KEYS = Path(__file__).parent / "data" / "keys" / "turbowan2.1-t2v-1.3b-480p-quant.json"
@@ -192,6 +193,26 @@ def test_per_channel_module_on_cpu_and_its_checkpoint_layout(monkeypatch) -> Non
     assert rel_err(dequantize_tile_int8(saved["int8_weight"], saved["scale"]), linear.weight.detach()) < 2e-2
     layer.load_state_dict(tiles)
     assert not layer.per_channel and torch.equal(layer.int8_weight, tiles["int8_weight"])
+
+
+def test_fp8_linear_takes_rows_already_quantized() -> None:
+    """What the fused LayerNorm hands the FP8 linears (e4m3 rows + scales) gives the module's output on the
+    dequantized rows; an activation cannot be applied to such rows; the weight-only variant never takes them."""
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 48)
+    module = Fp8Linear.from_linear(linear)
+    h = torch.randn(2, 10, 64)
+    q, scale = quantize_fp8_rowwise(h.view(20, 64))
+    rows = Fp8Rows(q.view(2, 10, 64), scale.view(20, 1), torch.float32)
+    assert rows.shape == (2, 10, 64)
+    with torch.no_grad():
+        out = module(rows)
+        assert out.shape == (2, 10, 48) and out.dtype == torch.float32
+        assert torch.equal(out, module(rows.dequantize()))
+        assert rel_err(out, linear(h)) < 5e-2
+        with pytest.raises(ValueError, match="already quantized"):
+            module(rows, act="gelu_tanh")
+    assert Fp8Linear.takes_fp8_rows and not Fp8WeightOnlyLinear.takes_fp8_rows
 
 
 def test_int8_kernel_choice_reads_the_environment(monkeypatch) -> None:

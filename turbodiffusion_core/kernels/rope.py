@@ -1,4 +1,5 @@
-"""q/k RMSNorm across heads and Wan's interleaved 3D RoPE, both q and k in one pass.
+"""q/k RMSNorm across heads and Wan's interleaved 3D RoPE, both q and k in one pass (and the RMSNorm
+alone, for the cross-attention's q, which has no RoPE: `rms_norm_rows`).
 
 The DiT's self-attention does, for q and for k (models/dit.py):
 
@@ -58,6 +59,18 @@ def _qk_norm_rope_kernel(
     sin = tl.load(rot_ptr + token * stride_rot + 2 * freq + 1, mask=pair_ok, other=0.0)
     _norm_rope_row(q_ptr + row * stride_q, wq_ptr, qo_ptr + row * stride_qo, offs, mask, n_cols, eps, cos, sin)
     _norm_rope_row(k_ptr + row * stride_k, wk_ptr, ko_ptr + row * stride_ko, offs, mask, n_cols, eps, cos, sin)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_cols, eps, stride_x, stride_o, BLOCK_C: tl.constexpr):
+    """Grid (rows,): one row -> RMSNorm(row) * w, rounded to the output's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < n_cols
+    xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + cols, (xf * rstd * w).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def _token_rows(x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -126,6 +139,23 @@ def qk_norm_rope(
     return q_out.view(shape), k_out.view(shape)
 
 
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, inplace: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension times `weight`, computed in float32 and returned in x's dtype: the
+    DiT's `RMSNorm` (`F.rms_norm(x.float(), ...).to(x.dtype)`) as one pass instead of three PyTorch kernels
+    with a float32 copy of x between them. x [..., C]; `inplace` writes over x when its rows allow it."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = rows if inplace and rows.data_ptr() == x.data_ptr() else torch.empty_like(rows)
+    block = triton.next_power_of_2(width)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, weight.contiguous(), out, width, eps, rows.stride(0), out.stride(0),
+        BLOCK_C=block, num_warps=4 if block <= 2048 else 8,
+    )
+    return out.view(x.shape)
+
+
 def qk_norm_rope_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,4 +182,4 @@ def qk_norm_rope_reference(
     return one(q, q_weight), one(k, k_weight)
 
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_reference"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_reference", "rms_norm_rows"]

@@ -36,6 +36,7 @@ from turbodiffusion_core.attention import BACKEND_NAMES, AttentionFn, get_backen
 from turbodiffusion_core.attention.sdpa import sdpa_attention
 from turbodiffusion_core.models.configs import DiTConfig, get_dit_config
 from turbodiffusion_core.quant.base import QuantizedLinear
+from turbodiffusion_core.quant.fp8 import Fp8Rows
 
 if TYPE_CHECKING:
     from turbodiffusion_core.parallel.ulysses import SPGroup
@@ -189,7 +190,13 @@ class WanCrossAttention(_Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.norm_q(self.q(x)).view(batch, length, self.num_heads, self.head_dim)
+        if _fused(x):
+            from turbodiffusion_core.kernels.rope import rms_norm_rows
+
+            q = rms_norm_rows(self.q(x), self.norm_q.weight, eps=self.norm_q.eps, inplace=True)
+        else:
+            q = self.norm_q(self.q(x))
+        q = q.view(batch, length, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(context)).view(batch, -1, self.num_heads, self.head_dim)
         v = self.v(context).view(batch, -1, self.num_heads, self.head_dim)
         return self.o(sdpa_attention(q, k, v).reshape(batch, length, -1))
@@ -230,25 +237,42 @@ class WanAttentionBlock(nn.Module):
 
     def _forward_fused(self, x, context, rope, attn, topk, shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff):
         """The same block with the Triton kernels (kernels/norm.py, kernels/rope.py): each residual update
-        and the LayerNorm + modulation after it are one pass over the float32 stream, and the FFN's GELU
-        is fused into the down projection's activation quantizer when that layer is quantized."""
+        and the LayerNorm + modulation after it are one pass over the float32 stream; when the linears
+        that read a norm's output are FP8, that pass also quantizes it (once for q, k and v together);
+        the FFN's GELU is fused into the down projection's activation quantizer when that layer is
+        quantized."""
         from turbodiffusion_core.kernels.norm import residual_layernorm
 
         dtype = context.dtype
-        _, h, _ = residual_layernorm(x, shift=shift_sa, scale=scale_sa, eps=self.norm1.eps, out_dtype=dtype)
-        y = self.self_attn(h, rope, attn, topk)
-        x, h, _ = residual_layernorm(x, y, gate_sa, weight=self.norm3.weight.float(), bias=self.norm3.bias.float(),
-                                     eps=self.norm3.eps, out_dtype=dtype, inplace=True)
-        y = self.cross_attn(h, context)
-        x, h, _ = residual_layernorm(x, y, shift=shift_ff, scale=scale_ff, eps=self.norm2.eps, out_dtype=dtype,
-                                     inplace=True)
-        up, down = self.ffn[0], self.ffn[2]
+        sa, ca, up, down = self.self_attn, self.cross_attn, self.ffn[0], self.ffn[2]
+        _, h, h_scale = residual_layernorm(x, shift=shift_sa, scale=scale_sa, eps=self.norm1.eps,
+                                           out_dtype=_norm_out_dtype(dtype, sa.q, sa.k, sa.v))
+        y = sa(_linear_input(h, h_scale, dtype), rope, attn, topk)
+        x, h, h_scale = residual_layernorm(x, y, gate_sa, weight=self.norm3.weight.float(),
+                                           bias=self.norm3.bias.float(), eps=self.norm3.eps,
+                                           out_dtype=_norm_out_dtype(dtype, ca.q), inplace=True)
+        y = ca(_linear_input(h, h_scale, dtype), context)
+        x, h, h_scale = residual_layernorm(x, y, shift=shift_ff, scale=scale_ff, eps=self.norm2.eps,
+                                           out_dtype=_norm_out_dtype(dtype, up), inplace=True)
+        h = _linear_input(h, h_scale, dtype)
         if isinstance(down, QuantizedLinear):  # GELU fused into its activation quantizer
             y = down(up(h), act="gelu_tanh")
         else:
             y = down(F.gelu(up(h), approximate="tanh"))
         x, _, _ = residual_layernorm(x, y, gate_ff, norm=False, inplace=True)
         return x
+
+
+def _norm_out_dtype(dtype: torch.dtype, *readers: nn.Module) -> torch.dtype:
+    """e4m3 when every linear that reads the norm's output takes pre-quantized rows (FP8 W8A8), else dtype."""
+    if all(getattr(m, "takes_fp8_rows", False) for m in readers):
+        return torch.float8_e4m3fn
+    return dtype
+
+
+def _linear_input(h: torch.Tensor, h_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | Fp8Rows:
+    """The norm's output as its linears take it: plain, or e4m3 rows with their scales."""
+    return h if h_scale is None else Fp8Rows(h, h_scale, dtype)
 
 
 def _fused(x: torch.Tensor) -> bool:

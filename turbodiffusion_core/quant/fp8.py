@@ -11,7 +11,7 @@ matmul. It runs anywhere and defines the numbers a fused FP8 GEMM must reproduce
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,48 @@ def dequantize_fp8_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return q.float() * scale.float()[:, None]
 
 
+class Fp8Rows(NamedTuple):
+    """Activations that arrive already quantized to e4m3, one float32 scale per row: what the fused
+    LayerNorm kernel (`kernels.norm.residual_layernorm(out_dtype=torch.float8_e4m3fn)`) writes, so the
+    linears that read one normalised tensor (q, k and v) skip quantizing it again each. `data`
+    float8_e4m3fn [..., K]; `scale` float32 [M, 1] for its M rows; `dtype`: what the linear returns."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows live (what `kernels_usable` and the DiT's fused-path check read)."""
+        return self.data.device
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.data.reshape(-1, self.data.shape[-1]).float() * self.scale.reshape(-1, 1)
+        return rows.reshape(self.data.shape).to(self.dtype)
+
+
 class Fp8Linear(QuantizedLinear):
     """Drop-in for nn.Linear with an e4m3 weight and per-output-channel scales (buffers). W8A8 on the GPU
     (activations quantized per row on the fly; fast accumulation unless TD_FP8_EXACT_ACCUM=1, see
-    quant/kernels.py); elsewhere the weight-only reference: dequantize the weight and multiply in x's dtype."""
+    quant/kernels.py); elsewhere the weight-only reference: dequantize the weight and multiply in x's dtype.
+    Also takes `Fp8Rows` (activations the previous kernel already quantized) in place of x."""
+
+    takes_fp8_rows = True
+
+    def forward(self, x: torch.Tensor | Fp8Rows, act: Optional[str] = None) -> torch.Tensor:
+        if not isinstance(x, Fp8Rows):
+            return super().forward(x, act)
+        if act is not None:
+            raise ValueError("an activation cannot be applied to already quantized rows")
+        if x.data.is_cuda:
+            from turbodiffusion_core.quant.kernels import fp8_matmul
+
+            return fp8_matmul(x.data, x.scale, self.weight, self.weight_scale, self.bias).to(x.dtype)
+        return self.reference_forward(x.dequantize())
 
     def register_weight(self, device: Optional[torch.device | str]) -> None:
         shape = (self.out_features, self.in_features)
@@ -64,6 +102,8 @@ class Fp8WeightOnlyLinear(Fp8Linear):
     """The same e4m3 weight with per-channel scales, always run weight-only: dequantized to the activation's
     dtype for each matmul, activations never quantized. Halves the memory of a model whose speed does not
     matter but whose activations are sensitive (the umT5 text encoder: `--text-encoder gpu-fp8`)."""
+
+    takes_fp8_rows = False
 
     def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
         if act == "gelu_tanh":

@@ -1,9 +1,10 @@
 """GPU fast paths of the quantized linears: Triton activation quantizers and the int8 tile GEMM.
 
 FP8 (`Fp8Linear`'s weights: e4m3, one float32 scale per output channel):
-    `quantize_rows_fp8` reads a bf16 activation once and writes e4m3 values plus one float32 scale per
-    row (amax/448, the `quantize_fp8_rowwise` rule), optionally applying GELU(tanh) first so the FFN's
-    down projection quantizes the up projection's output without a separate GELU pass. The GEMM is
+    `quantize_rows_fp8` reads a bf16 activation (once, or twice in chunks for wide rows: autotuned) and
+    writes e4m3 values plus one float32 scale per row (amax/448, the `quantize_fp8_rowwise` rule),
+    optionally applying GELU(tanh) first so the FFN's down projection quantizes the up projection's
+    output without a separate GELU pass. The GEMM is
     `torch._scaled_mm` with row-wise scales ([M, 1] x [1, N], CUTLASS on sm90), bias and bf16 output,
     by default with fast accumulation (`use_fast_accum`: the tensor cores' reduced-precision fp32
     accumulation; measured on an H100 at the FFN-up shape 1.64x bf16 against 1.40x exact, error vs the
@@ -45,29 +46,63 @@ from turbodiffusion_core.quant.tile_int8 import AMAX_FLOOR as INT8_AMAX_FLOOR
 from turbodiffusion_core.quant.tile_int8 import TILE
 
 FP8_EXACT_ACCUM_ENV = "TD_FP8_EXACT_ACCUM"
-MAX_ROW_WIDTH = 16384
-"""Widest row `quantize_rows_fp8` holds in registers (every Wan width, up to 13824, fits)."""
 ACTIVATIONS = (None, "gelu_tanh")
 
 
 @triton.jit
-def _fp8_rowquant_kernel(
-    x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, amax_floor,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, GELU: tl.constexpr,
-):
-    """Grid cdiv(M, ROWS): ROWS whole rows per program -> e4m3 rows and float32 scales amax/448."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _load_row_chunk(x_row, cols, mask, GELU: tl.constexpr):
+    """A [ROWS, BLOCK_K] chunk of rows in float32, GELU(tanh) applied when asked (shared with rowcol_kernels)."""
+    x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:
         x = gelu_tanh(x)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor) / 448.0
-    y = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
-    q = round_to_e4m3(y).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + rows64[:, None] * stride_q + cols[None, :], q, mask=mask)
+    return x
+
+
+@triton.jit
+def _e4m3_chunk(x, scale):
+    """x / scale clamped to the e4m3 range and rounded to e4m3 (as float32, so the cast is exact)."""
+    return round_to_e4m3(tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0))
+
+
+FP8_ROWQUANT_CONFIGS = [
+    triton.Config({"BLOCK_K": bk, "ROWS": rows}, num_warps=w)
+    for bk, rows, w in (
+        (2048, 2, 4), (1024, 4, 4), (2048, 4, 8), (4096, 1, 8), (4096, 2, 8),
+        # whole Wan rows up to 16384 in registers: one read, GELU computed once
+        (8192, 1, 8), (16384, 1, 16), (16384, 1, 32),
+    )
+]
+
+
+@autotune(configs=FP8_ROWQUANT_CONFIGS, key=["n_cols", "GELU"])
+@triton.jit
+def _fp8_rowquant_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, amax_floor,
+    GELU: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Grid cdiv(M, ROWS): ROWS rows per program -> e4m3 rows and float32 scales amax/448. Rows up to
+    BLOCK_K wide are read once; wider ones in BLOCK_K chunks twice (amax, then quantize; mostly from L2)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    x_row = x_ptr + rows64[:, None] * stride_x
+    q_row = q_ptr + rows64[:, None] * stride_q
+    cols = tl.arange(0, BLOCK_K)
+    if n_cols <= BLOCK_K:
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = _load_row_chunk(x_row, cols, mask, GELU)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor) / 448.0
+        tl.store(q_row + cols[None, :], _e4m3_chunk(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.full([ROWS], amax_floor, tl.float32)
+        for start in range(0, n_cols, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(_load_row_chunk(x_row + start, cols, mask, GELU)), axis=1))
+        scale = amax / 448.0
+        for start in range(0, n_cols, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+            x = _load_row_chunk(x_row + start, cols, mask, GELU)
+            tl.store(q_row + start + cols[None, :], _e4m3_chunk(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
@@ -210,22 +245,16 @@ def _check_activation(act: Optional[str]) -> bool:
 def quantize_rows_fp8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]) with act(x) ~= q * scale, M = x.numel() / K.
 
-    One pass: each program holds whole rows, so the amax and the quantization share one read.
+    The autotuner picks per K between holding whole rows (one read; GELU computed once) and chunks
+    (two reads, the second mostly from L2).
     """
     gelu = _check_activation(act)
     flat = _flat_rows(x)
     rows, cols = flat.shape
-    if cols > MAX_ROW_WIDTH:
-        raise ValueError(f"rows of {cols} values exceed the {MAX_ROW_WIDTH} quantize_rows_fp8 holds")
-    block_k = triton.next_power_of_2(cols)
-    rows_per_prog = max(1, min(16, 4096 // block_k))
-    num_warps = 4 if block_k <= 4096 else (8 if block_k <= 8192 else 16)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    _fp8_rowquant_kernel[(triton.cdiv(rows, rows_per_prog),)](
-        flat, q, scale, rows, cols, flat.stride(0), q.stride(0), FP8_AMAX_FLOOR,
-        BLOCK_K=block_k, ROWS=rows_per_prog, GELU=gelu, num_warps=num_warps,
-    )
+    grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
+    _fp8_rowquant_kernel[grid](flat, q, scale, rows, cols, flat.stride(0), q.stride(0), FP8_AMAX_FLOOR, GELU=gelu)
     return q, scale
 
 

@@ -27,19 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from turbodiffusion_core.kernels.jit_math import gelu_tanh, rint
+from turbodiffusion_core.kernels.jit_math import rint
 from turbodiffusion_core.kernels.triton_support import autotune
 from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _grouped_tile, _load_k_step,
-                                                _store_tile)
+                                                _load_row_chunk, _store_tile)
 from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR, MAX_K
-
-
-@triton.jit
-def _load_row_chunk(x_row, cols, mask, GELU: tl.constexpr):
-    x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        x = gelu_tanh(x)
-    return x
 
 
 @triton.jit
@@ -103,6 +95,9 @@ GEMM_CONFIGS = [
         (128, 256, 64, 8, 4),
         (128, 128, 256, 8, 3),
         (128, 128, 64, 4, 4),
+        # the fastest at the FFN shapes in bench/sweep_int8_gemm.py (H200, 2026-12-06): 4 warps on a 128x128 tile
+        (128, 128, 128, 4, 3),
+        (128, 128, 64, 4, 5),
     )
 ]
 
