@@ -65,6 +65,21 @@ def test_sparse_kernel_matches_reference_on_same_block_map(length):
 
 
 @on_cpu
+@pytest.mark.parametrize("length, topk", [(300, 0.5), (256, 0.6), (200, 1.0)])
+def test_every_attention_config_matches_reference(monkeypatch, length, topk):
+    """The interpreter launches the autotuned kernel with its first config; here each in turn, among them
+    the two-blocks-a-step ones, with even and odd kept-block counts and a partial last key block."""
+    q, k, v = qkv(1, length, 2, 32)
+    proj = random_proj(32)
+    prep = sla.sla_prepare(q, k, v, topk, with_linear=True)
+    ref = sla_reference(q, k, v, proj_l=proj, topk=topk)
+    for config in sla.ATTN_CONFIGS:
+        monkeypatch.setattr(sla._sla_attn_kernel, "config", config)
+        out = sla.sla_attend(q, k, v, prep, proj.weight, proj.bias)
+        assert rel_err(out, ref) < 2e-3, config
+
+
+@on_cpu
 def test_whole_op_with_proj_matches_reference():
     q, k, v = qkv(2, 200, 2, 32)
     proj = random_proj(32)

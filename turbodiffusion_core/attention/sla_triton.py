@@ -135,13 +135,17 @@ def _attend_block(acc, m_i, l_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr
     return acc, m_new, l_i
 
 
-@autotune(
-    configs=[
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in ((128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 4))  # 128 rows on 4 warps spills
-    ],
-    key=["seq_len", "topk", "HEAD_DIM", "WITH_LINEAR"],
-)
+ATTN_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "PAIRS": pairs}, num_warps=w, num_stages=s)
+    for bm, pairs, w, s in (
+        (128, False, 8, 3), (128, False, 8, 2), (64, False, 4, 3), (64, False, 4, 4),  # 128 rows on 4 warps spill
+        # two kept key blocks per step: 128-key score tiles, the MMA shape Hopper runs best
+        (128, True, 8, 3), (128, True, 8, 2), (64, True, 4, 3),
+    )
+]
+
+
+@autotune(configs=ATTN_CONFIGS, key=["seq_len", "topk", "HEAD_DIM", "WITH_LINEAR"])
 @triton.jit
 def _sla_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lut_ptr,
@@ -152,9 +156,12 @@ def _sla_attn_kernel(
     stride_ob, stride_ol, stride_oh,
     seq_len, num_heads, num_qblocks, topk, qk_scale, linear_eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLKQ: tl.constexpr,
-    EVEN_L: tl.constexpr, WITH_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_L: tl.constexpr, WITH_LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr,
 ):
-    """Grid (cdiv(L, BLOCK_M), B*H). Sparse softmax branch + linear branch + proj_l, one store."""
+    """Grid (cdiv(L, BLOCK_M), B*H). Sparse softmax branch + linear branch + proj_l, one store.
+
+    PAIRS: attend to two kept key blocks per step (one [2*BLOCK_N, D] tile gathered from both), then to a
+    leftover block on its own; the same sum in another order."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -179,7 +186,20 @@ def _sla_attn_kernel(
     num_full = topk
     if not EVEN_L:
         num_full = topk - 1
-    for i in range(0, num_full):
+    first_single = 0
+    if PAIRS:
+        offs_2n = tl.arange(0, 2 * BLOCK_N)
+        second = offs_2n >= BLOCK_N
+        local = offs_2n - tl.where(second, BLOCK_N, 0)
+        for i in range(0, num_full // 2):
+            start_a = tl.load(lut_row + 2 * i) * BLOCK_N
+            start_b = tl.load(lut_row + 2 * i + 1) * BLOCK_N
+            rows = tl.where(second, start_b, start_a) + local
+            k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :])
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, qk_scale, offs_2n, False)
+        first_single = num_full - num_full % 2
+    for i in range(first_single, num_full):
         start = tl.load(lut_row + i) * BLOCK_N
         k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
         v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
@@ -235,11 +255,13 @@ class SLAPrep:
 
     lut: int32 [B*H, ceil(L/blkq), topk], kept key-block indices per query block, ascending.
     kv: [B*H, D, D] phi(K)^T V in v's dtype, ksum: float32 [B*H, D] sum of phi(K); None without proj_l.
+    k_mean: float32 [B*H, 1, D], k's mean over the tokens (the block map's centring; sagesla's K smoothing).
     """
 
     lut: torch.Tensor
     kv: Optional[torch.Tensor]
     ksum: Optional[torch.Tensor]
+    k_mean: Optional[torch.Tensor] = None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -336,8 +358,8 @@ def sla_prepare(
     keep = sla_topk_count(topk, nk)
     lut = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
     if not with_linear:
-        return SLAPrep(lut=lut, kv=None, ksum=None)
-    return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1))
+        return SLAPrep(lut=lut, kv=None, ksum=None, k_mean=k_mean)
+    return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1), k_mean=k_mean)
 
 
 def _merge_grains(sums: torch.Tensor, ratio: int, count: int) -> torch.Tensor:
