@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from tests.kernel_support import on_cpu, qkv, random_proj, rel_err  # noqa: E402
 
-from turbodiffusion_core.attention import AttentionUnavailable, get_backend  # noqa: E402
+from turbodiffusion_core.attention import AttentionUnavailable, get_backend, resolve_attention  # noqa: E402
 from turbodiffusion_core.attention import sagesla as sg  # noqa: E402
 from turbodiffusion_core.attention.sla_reference import (  # noqa: E402
     sla_block_map,
@@ -87,7 +87,23 @@ def test_sagesla_with_a_broken_build_says_why(monkeypatch):
 def test_sagesla_is_the_backend_once_the_package_loads(monkeypatch):
     spas_installed(monkeypatch, installed=True)
     assert get_backend("sagesla", device_type="cuda") is sg.sagesla
-    assert get_backend("auto", device_type="cuda", has_sla_proj=True) is not sg.sagesla  # auto stays sla
+    # auto takes it too (measured faster), through the wrapper that keeps sla for shapes it cannot take
+    assert resolve_attention("auto", device_type="cuda", has_sla_proj=True) == "sagesla"
+    assert get_backend("auto", device_type="cuda", has_sla_proj=True) is sg.sagesla_or_sla
+    assert resolve_attention("auto", device_type="cuda", has_sla_proj=False) == "original"
+    assert resolve_attention("auto", device_type="cpu", has_sla_proj=True) == "original"
+
+
+@pytest.mark.parametrize("installed, load_error", [(False, None), (True, "ImportError: undefined symbol")])
+def test_auto_is_sla_where_sagesla_cannot_load(monkeypatch, installed, load_error):
+    spas_installed(monkeypatch, installed=installed, load_error=load_error)
+    assert resolve_attention("auto", device_type="cuda", has_sla_proj=True) == "sla"
+
+
+def test_sagesla_takes_only_what_its_kernels_can():
+    q, _, _ = qkv(1, 256, 2, 64)
+    assert not sg.sagesla_takes(q)  # on the CPU never
+    assert not sg.sagesla_takes(q[..., :32]) and not sg.sagesla_takes(q[:, :100])
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
@@ -121,7 +137,7 @@ def test_spas_lut_is_delta_encoded_and_padded():
 def exact_spas_kernel(calls: list):
     """Stands in for SpargeAttn's kernel: decodes its LUT as the kernel does and attends exactly."""
 
-    def sparse_branch(q, k, v, lut, valid, blocks):
+    def sparse_branch(q, k, v, lut, valid, blocks, k_mean=None):
         batch, length, heads, _ = q.shape
         blkq, blkk = blocks
         nq, nk = math.ceil(length / blkq), math.ceil(length / blkk)
@@ -131,8 +147,10 @@ def exact_spas_kernel(calls: list):
         assert bool((valid == topk).all())
         kept = lut[..., :topk].long().cumsum(dim=-1)
         calls.append(blocks)
+        assert k_mean is not None and k_mean.shape == (batch * heads, 1, q.shape[-1])  # the block map's
+        torch.testing.assert_close(k_mean.view(batch, heads, -1), k.float().mean(dim=1), rtol=1e-4, atol=1e-5)
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-        return sla_sparse_branch(qh, kh, vh, kept, blkq, blkk).to(q.dtype)
+        return sla_sparse_branch(qh, kh, vh, kept, blkq, blkk).to(q.dtype).transpose(1, 2)  # [B, L, H, D]
 
     return sparse_branch
 
@@ -226,3 +244,19 @@ def test_gpu_backend_runs_without_proj():
     err = rel_err(out, ref)
     print(f"sagesla backend {blkq}x{blkk}, no proj_l, head_dim 64: rel err vs reference {err:.2e}")
     assert err < 5e-2
+
+
+@on_gpu_with_spas
+@pytest.mark.gpu
+def test_gpu_auto_backend_is_sagesla_where_it_can_and_sla_elsewhere():
+    from turbodiffusion_core.attention.sla_triton import sla_triton
+
+    attention = get_backend("auto", device_type="cuda", has_sla_proj=True)
+    q, k, v = qkv(1, 1024 + 7, 2, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    proj = random_proj(128, dtype=torch.bfloat16, device="cuda")
+    out = attention(q, k, v, proj_l=proj, topk=0.2)
+    assert torch.allclose(out, sg.sagesla_attention(q, k, v, proj_l=proj, topk=0.2), rtol=0, atol=1e-6)
+    q, k, v = (x[..., :32].contiguous() for x in (q, k, v))  # a head size SpargeAttn has no kernel for
+    proj = random_proj(32, dtype=torch.bfloat16, device="cuda")
+    out = attention(q, k, v, proj_l=proj, topk=0.2)
+    assert torch.allclose(out, sla_triton(q, k, v, proj_l=proj, topk=0.2), rtol=0, atol=1e-6)

@@ -15,8 +15,10 @@ Names (`spec.ATTENTION_TYPES` plus the reference):
 - "sla": SLA through the fused Triton kernel (attention/sla_triton.py) on CUDA; the reference elsewhere.
 - "sagesla": SLA with the sparse branch on SpargeAttn's INT8-QK / FP8-PV kernels (attention/sagesla.py);
   needs a CUDA GPU and the `spas_sage_attn` package, and says how to get it when they are missing.
-- "auto": "sla" on CUDA for a model that carries SLA projections (its weights were fine-tuned for it),
-  else "original". The choice is logged.
+- "auto": on CUDA, for a model that carries SLA projections (its weights were fine-tuned for SLA),
+  "sagesla" where spas_sage_attn loads (measured faster: bench/results/dit_h100.json), for the shapes its
+  kernels take, with "sla" for the rest; "sla" where it does not load; else "original". The choice is
+  logged.
 
 Because the choice is a plain function looked up by name, a request can switch backend (and top-k)
 on every forward without rebuilding the model.
@@ -72,11 +74,18 @@ def resolve_attention(name: str, *, device_type: str, has_sla_proj: bool) -> str
         raise ValueError(f"unknown attention type {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name != "auto":
         return name
-    choice = "sla" if device_type == "cuda" and has_sla_proj else "original"
+    if device_type == "cuda" and has_sla_proj:
+        sage_missing = _sagesla_unavailable_reason(device_type)
+        choice = "sla" if sage_missing else "sagesla"
+        why = "the model has SLA projections; " + (
+            "spas_sage_attn is not usable, so our Triton kernel" if sage_missing
+            else "spas_sage_attn loads (sla where its kernels cannot take the shape)"
+        )
+    else:
+        choice, why = "original", "dense attention is fastest here"
     key = (device_type, has_sla_proj)
     if _last_auto_choice.get(key) != choice:
         _last_auto_choice[key] = choice
-        why = "the model has SLA projections" if choice == "sla" else "dense attention is fastest here"
         log.info("attention auto -> %s on %s (%s)", choice, device_type, why)
     return choice
 
@@ -92,9 +101,9 @@ def get_backend(name: str, *, device_type: str = "cpu", has_sla_proj: bool = Fal
         reason = _sagesla_unavailable_reason(device_type)
         if reason is not None:
             raise AttentionUnavailable(reason)
-        from turbodiffusion_core.attention.sagesla import sagesla
+        from turbodiffusion_core.attention.sagesla import sagesla, sagesla_or_sla
 
-        return sagesla
+        return sagesla_or_sla if name == "auto" else sagesla
     from turbodiffusion_core.attention.sla_reference import sla_reference
 
     if concrete == "sla" and device_type == "cuda":
