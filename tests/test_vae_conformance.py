@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.random_models import random_vae
 from turbodiffusion_core.errors import CheckpointMismatch
@@ -82,6 +83,69 @@ def test_decode_iter_chunks_equal_decode(pair):
     assert [c.shape[2] for c in chunks] == [1, 4, 4]
     assert all(c.shape[:2] == (2, 3) and c.shape[3:] == (32, 48) for c in chunks)
     torch.testing.assert_close(torch.cat(chunks, dim=2), ours.decode(latent), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_chunk", [2, 3, 5])
+def test_larger_decode_chunks_give_the_same_video(pair, per_chunk):
+    """Several latent frames per decoder pass (the GPU's faster setting) decode to the video one frame per
+    pass gives, and to diffusers' decode; progress still counts latent frames."""
+    ours, theirs = pair
+    latent = torch.randn(1, 16, 6, 4, 6, generator=torch.Generator().manual_seed(per_chunk))
+    one = torch.cat(list(ours.decode_iter(latent, frames_per_chunk=1)), dim=2)
+    chunks = list(ours.decode_iter(latent, frames_per_chunk=per_chunk))
+    expected_sizes = {2: [1, 8, 8, 4], 3: [1, 12, 4, 4], 5: [1, 16, 4]}[per_chunk]  # last latent frame alone
+    assert [c.shape[2] for c in chunks] == expected_sizes
+    torch.testing.assert_close(torch.cat(chunks, dim=2), one, rtol=1e-5, atol=1e-5)
+    mean = torch.tensor(SMALL.latent_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(SMALL.latent_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        expected = theirs.decode(latent * std + mean).sample
+    done: list[int] = []
+    previous = ours.decode_chunk_frames
+    ours.decode_chunk_frames = per_chunk
+    try:
+        video = ours.decode(latent, on_frame=lambda i, n: done.append(i))
+    finally:
+        ours.decode_chunk_frames = previous
+    assert rel_err(video, expected) < 1e-4
+    assert done == {2: [1, 3, 5, 6], 3: [1, 4, 5, 6], 5: [1, 5, 6]}[per_chunk]
+    with pytest.raises(ValueError, match="at least 1"):
+        next(ours.decode_iter(latent, frames_per_chunk=0))
+
+
+@pytest.mark.parametrize("frames, history_frames", [(4, None), (4, 2), (1, 1), (1, 2), (3, 1), (1, None)])
+def test_tap_split_conv_reads_history_and_chunk_in_place(frames, history_frames):
+    """The GPU path's causal conv as 2D convs over taps, history and chunk kept apart, equals the Conv3d
+    over [zeros, history, chunk] concatenated (what the other paths run); checked here on CPU tensors."""
+    from turbodiffusion_core.models.vae import CausalConv3d
+
+    torch.manual_seed(frames * 10 + (history_frames or 0))
+    conv = CausalConv3d(6, 5, 3, padding=1)
+    x = torch.randn(1, 6, frames, 7, 9).contiguous(memory_format=torch.channels_last_3d)
+    history = None if history_frames is None else torch.randn(1, 6, history_frames, 7, 9)
+    missing = 2 - (history_frames or 0)
+    padded = torch.cat([torch.zeros(1, 6, missing, 7, 9)] + ([history] if history is not None else []) + [x], dim=2)
+    expected = F.conv3d(padded, conv.weight, conv.bias, padding=(0, 1, 1))
+    hist_cl = None if history is None else history.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        got = conv._conv_by_taps(x, hist_cl, missing, conv.bias)
+        again = conv._conv_by_taps(x, hist_cl, missing, conv.bias)  # cached tap weights
+    assert got.shape == expected.shape == (1, 5, frames, 7, 9)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
+
+
+def test_decode_chunks_cover_the_latent_once():
+    from turbodiffusion_core.models.vae import decode_chunks
+
+    assert decode_chunks(21, 1) == [(i, i + 1) for i in range(21)]
+    assert decode_chunks(21, 5) == [(0, 1), (1, 6), (6, 11), (11, 16), (16, 20), (20, 21)]
+    assert decode_chunks(2, 4) == [(0, 1), (1, 2)] and decode_chunks(1, 3) == [(0, 1)]
+    for frames in range(1, 12):
+        for n in range(1, 6):
+            chunks = decode_chunks(frames, n)
+            assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] and chunks[-1][1] == frames
+            assert all(1 <= e - s <= n for s, e in chunks) and chunks[0] == (0, 1)
 
 
 def test_decode_is_causal(pair):
@@ -187,3 +251,24 @@ def test_cuda_channels_last_fused_path_matches_reference(dtype):
     assert out.dtype == dtype and out.is_contiguous()
     assert rel_err(out.float(), ref_out) < tol
     assert rel_err(lat, ref_lat) < tol
+    fast.decode_chunk_frames = 2  # two latent frames per pass: the same video on the fused path too
+    assert rel_err(fast.decode(latent).float(), ref_out) < tol
+
+
+def test_worker_decode_options_read_the_environment(monkeypatch):
+    """TD_VAE_CHUNK_FRAMES sets a new VAE's latent frames per decoder pass; TD_CUDNN_BENCHMARK the search."""
+    from turbodiffusion_core.models.vae import DECODE_CHUNK_FRAMES, decode_chunk_frames_default
+    from turbodiffusion_core.pipeline import cudnn_benchmark_default
+
+    monkeypatch.delenv("TD_VAE_CHUNK_FRAMES", raising=False)
+    assert decode_chunk_frames_default() == DECODE_CHUNK_FRAMES
+    monkeypatch.setenv("TD_VAE_CHUNK_FRAMES", " 3 ")
+    assert WanVAE(VAE_CONFIGS["tiny"]).decode_chunk_frames == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("TD_VAE_CHUNK_FRAMES", bad)
+        with pytest.raises(ValueError, match="TD_VAE_CHUNK_FRAMES"):
+            decode_chunk_frames_default()
+    monkeypatch.delenv("TD_CUDNN_BENCHMARK", raising=False)
+    assert cudnn_benchmark_default() is False
+    monkeypatch.setenv("TD_CUDNN_BENCHMARK", "on")
+    assert cudnn_benchmark_default() is True

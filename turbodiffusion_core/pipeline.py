@@ -34,6 +34,7 @@ and call `VideoPipeline(preset, text_encoder=..., vae=..., experts=..., device=.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import tempfile
@@ -53,6 +54,13 @@ from .residency import MODES as EXPERT_RESIDENCY_MODES
 from .residency import ExpertResidency, choose_mode, module_bytes, same_device
 
 log = logging.getLogger("turbodiffusion.pipeline")
+
+CUDNN_BENCHMARK_ENV = "TD_CUDNN_BENCHMARK"
+
+
+def cudnn_benchmark_default() -> bool:
+    """TD_CUDNN_BENCHMARK: 1 / true / yes / on turns cuDNN's per-shape algorithm search on (default off)."""
+    return os.environ.get(CUDNN_BENCHMARK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 ProgressFn = Callable[[spec.ProgressEvent], None]
 CancelFn = Callable[[], bool]
@@ -395,6 +403,10 @@ class VideoPipeline:
         log.info("loading %s on %s (%s, attention=%s, quant=%s)", preset.id, dev, dtype, attention, quant or "none")
 
         vae = load_vae(paths["vae"], config="tiny" if tiny else "wan2.1", device=dev, dtype=dtype)
+        if dev.type == "cuda":
+            # cuDNN's algorithm search for the VAE's convolutions (shapes repeat per resolution; the worker's
+            # warm-up pays for the search)
+            torch.backends.cudnn.benchmark = cudnn_benchmark_default()
 
         # Order of priority for GPU memory: the first expert, the text encoder, the other expert (a
         # streamed expert switch hides under compute; a text encoder on the CPU costs seconds a prompt).
@@ -659,9 +671,11 @@ class VideoPipeline:
 
     def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread],
                 skip_first: bool = False) -> np.ndarray:
-        """Decode latent frame by latent frame into uint8 frames, handing each chunk to the MP4 thread
+        """Decode chunk by chunk (`WanVAE.decode_iter`) into uint8 frames, handing each chunk to the MP4 thread
         (without the very first frame when `skip_first`: an extension's repeat of the frame it continues).
         On a GPU each chunk's uint8 copy to pinned host memory runs while the next chunk decodes."""
+        from .models.vae import latent_frames_decoded
+
         cfg = self.vae.config
         _, _, t_lat, h, w = latent.shape
         frames = np.empty((1 + cfg.temporal_factor * (t_lat - 1), h * cfg.spatial_factor,
@@ -669,6 +683,7 @@ class VideoPipeline:
         cuda = latent.device.type == "cuda"
         filled = 0
         pending = None  # (host uint8 tensor, event) of the chunk before the current one
+        decoded = 0  # pixel frames the VAE has produced so far
 
         def land(host: torch.Tensor, event) -> None:
             nonlocal filled
@@ -682,7 +697,7 @@ class VideoPipeline:
                     mp4.put(frames[filled + first:filled + n])
             filled += n
 
-        for i, chunk in enumerate(self.vae.decode_iter(latent.to(self.vae_dtype))):
+        for chunk in self.vae.decode_iter(latent.to(self.vae_dtype)):
             u8 = _uint8_frames(chunk)
             if cuda:
                 host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
@@ -694,7 +709,8 @@ class VideoPipeline:
             if pending is not None:
                 land(*pending)
             pending = (host, event)
-            report(spec.ProgressEvent("vae_decode", (i + 1) / t_lat))
+            decoded += chunk.shape[2]
+            report(spec.ProgressEvent("vae_decode", latent_frames_decoded(decoded, cfg.temporal_factor) / t_lat))
         if pending is not None:
             land(*pending)
         if filled != len(frames):

@@ -12,7 +12,8 @@ How the video is streamed through the network (reference/wan.md §3.2):
   that of one chunk, whatever the clip length.
 * Encode feeds 1, 4, 4, ... frames; the two temporal downsamplers skip their stride-2 convolution on the
   first chunk, so pixel frame 0 becomes latent frame 0 on its own and every later 4 frames one latent.
-* Decode feeds one latent frame at a time; the two temporal upsamplers pass the first latent frame
+* Decode feeds latent frame 0 alone, then chunks of `decode_chunk_frames` latent frames (one in the
+  official code; the same video for any chunk size); the two temporal upsamplers pass the first chunk
   through without their frame-doubling convolution (what the official code marks 'Rep'), so latent 0
   gives 1 pixel frame and each later latent 4.
 
@@ -20,6 +21,8 @@ Latents are normalised per channel, latent = (mu - mean) / std, with the Wan2.1 
 """
 
 from __future__ import annotations
+
+import os
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,36 @@ cuDNN (9.19, H100, bf16, channels-last) picks a slow kernel for the 96-channel f
 of the last decoder stage: 3.7 ms as a 3D conv vs 2.6 ms as three 2D convs for 6->4 frames of
 480x832, while at 192 and 384 channels the 3D conv is as fast or faster. Whole 480p 81-frame decode:
 972 -> 857 ms (measured on an H100, torch 2.11, 2026-11-25)."""
+
+DECODE_CHUNK_FRAMES = 1
+"""Latent frames per decoder pass after the first (`WanVAE.decode_iter`); the official code decodes one."""
+CHUNK_FRAMES_ENV = "TD_VAE_CHUNK_FRAMES"
+
+
+def decode_chunk_frames_default() -> int:
+    """TD_VAE_CHUNK_FRAMES (a positive integer), else DECODE_CHUNK_FRAMES."""
+    raw = os.environ.get(CHUNK_FRAMES_ENV, "").strip()
+    if not raw:
+        return DECODE_CHUNK_FRAMES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{CHUNK_FRAMES_ENV}={raw!r}: expected a positive integer (latent frames per decoder pass)")
+    return int(raw)
+
+
+def decode_chunks(latent_frames: int, per_chunk: int) -> list[tuple[int, int]]:
+    """[start, end) latent frames of each decoder pass: frame 0 alone (the temporal upsamplers pass their first
+    chunk through without doubling it), then `per_chunk` at a time, and the last frame alone again when
+    chunks are longer than one, so that what a consumer still has to do after the decode ends (encoding the
+    last chunk's frames into the MP4) stays 4 frames."""
+    last = latent_frames - 1 if per_chunk > 1 and latent_frames > 2 else latent_frames
+    bounds = [(0, 1)] + [(s, min(s + per_chunk, last)) for s in range(1, last, per_chunk)]
+    return bounds + ([(last, latent_frames)] if last < latent_frames else [])
+
+
+def latent_frames_decoded(pixel_frames: int, temporal_factor: int = 4) -> int:
+    """How many latent frames a decode has consumed once it has produced `pixel_frames` frames (1 + 4k)."""
+    return 1 + (pixel_frames - 1) // temporal_factor if pixel_frames > 0 else 0
+
 
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -134,15 +167,17 @@ class CausalConv3d(nn.Conv3d):
         history = cache.tails.get(self) if cache is not None else None
         if cache is not None:
             cache.tails[self] = _new_tail(history, x)
-        parts = [x] if history is None else [history, x]
+        if history is not None:
+            history = history[:, :, -self.time_pad:]
         missing = self.time_pad - (0 if history is None else history.shape[2])
+        if self._split_taps(x):
+            return self._conv_by_taps(x, history, missing, bias)
+        parts = [x] if history is None else [history, x]
         if missing > 0:
             b, c, _, h, w = x.shape
             zeros = torch.empty(b, c, missing, h, w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
             parts.insert(0, zeros.zero_())  # same layout as x, so the concatenation keeps it
         x = torch.cat(parts, dim=2)
-        if self._split_taps(x):
-            return self._conv_by_taps(x, bias)
         if x.device.type == "cpu":
             return _conv3d_on_cpu(self, x, bias)
         return self._conv_forward(x, self.weight, bias)
@@ -152,20 +187,41 @@ class CausalConv3d(nn.Conv3d):
             self.in_channels <= TAP_SPLIT_MAX_CHANNELS and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
         )
 
-    def _conv_by_taps(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The same conv as a sum over its temporal taps of 2D convs over frames. With batch 1 a
-        channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames: no copies of
-        the activations. Each tap's weight is made channels-last too (a few hundred KB), else the
-        convolution would fall back to NCHW and convert the whole input."""
+    def _tap_weights(self) -> list[torch.Tensor]:
+        """Each temporal tap's [O, C, kh, kw] weight, channels-last (else the 2D convolution would fall back
+        to NCHW and convert its whole input); made once per weight tensor, not on every call."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        cached = getattr(self, "_taps_cache", None)
+        if cached is None or cached[0] != key:
+            taps = [self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
+                    for k in range(self.kernel_size[0])]
+            self._taps_cache = cached = (key, taps)
+        return cached[1]
+
+    def _conv_by_taps(self, x: torch.Tensor, history: Optional[torch.Tensor], missing: int,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same causal conv as a sum over its temporal taps of 2D convs over frames, reading the chunk
+        and the cached history where they lie instead of concatenating them (a copy of the whole input).
+
+        With batch 1 a channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames. The
+        padded stream is S = [`missing` zero frames, history, x] and out[t] = sum_k W_k S[t + k]: the last
+        tap reads x[t] for every t and makes `out`; tap k < last adds W_k x[t - shift] (shift = last - k)
+        to out[shift:], and the history frames to the first outputs (the zeros add nothing)."""
         frames = x[0].permute(1, 0, 2, 3)
-        taps = self.kernel_size[0]
-        n = frames.shape[0] - taps + 1
-        out = None
-        for k in range(taps):
-            weight = self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
-            y = F.conv2d(frames[k:k + n], weight, bias if k == 0 else None, padding=self.padding[1:])
-            out = y if out is None else out.add_(y)
-        # Back to [1,O,n,H,W] with the batch stride a channels-last tensor would have (a size-1 dim's
+        past = history[0].permute(1, 0, 2, 3) if history is not None else None
+        count = frames.shape[0]
+        weights = self._tap_weights()
+        last = self.time_pad
+        pad = self.padding[1:]
+        out = F.conv2d(frames, weights[last], bias, padding=pad)
+        for k in range(last):
+            shift = last - k
+            if shift < count:
+                out[shift:].add_(F.conv2d(frames[:count - shift], weights[k], None, padding=pad))
+            lo, hi = max(0, missing - k), min(shift, count)
+            if past is not None and lo < hi:
+                out[lo:hi].add_(F.conv2d(past[lo + k - missing:hi + k - missing], weights[k], None, padding=pad))
+        # Back to [1,O,T,H,W] with the batch stride a channels-last tensor would have (a size-1 dim's
         # stride is free, but PyTorch's layout inference, e.g. in torch.cat, reads it).
         o, n, h, w = out.shape[1], out.shape[0], out.shape[2], out.shape[3]
         return out.permute(1, 0, 2, 3).unsqueeze(0).as_strided((1, o, n, h, w), (n * h * w * o, 1, h * w * o, w * o, o))
@@ -484,6 +540,7 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
         self.memory_format = torch.contiguous_format
+        self.decode_chunk_frames = decode_chunk_frames_default()
 
     def use_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Store the 3D conv weights (and run activations) channels-last (NDHWC), the GPU fast path:
@@ -529,16 +586,25 @@ class WanVAE(nn.Module):
         return (mu.float() - mean) / std
 
     @torch.no_grad()
-    def decode_iter(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yield the video a latent frame at a time: [B,3,1,H,W] first, then [B,3,4,H,W] chunks, in
-        [-1,1] and in the VAE dtype, so a consumer (MP4 encoder, progress) can run alongside."""
+    def decode_iter(self, latent: torch.Tensor, frames_per_chunk: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield the video in time chunks (`decode_chunks`: latent frame 0, then n latent frames at a time,
+        n = `frames_per_chunk`, default `self.decode_chunk_frames`), [B,3,4n,H,W] in [-1,1] and in the VAE
+        dtype, so a consumer (MP4 encoder, progress) can run alongside.
+
+        Any n gives the same video (the causal caches carry exactly the history a one-pass decode would
+        see); a larger n makes fewer, larger convolutions, faster on a GPU where one latent frame at 1/8
+        resolution is too small to fill it, at the cost of activation memory that grows with n.
+        """
         if latent.dim() != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"expected latent [B,{self.config.z_dim},T,h,w]; got {list(latent.shape)}")
+        n = self.decode_chunk_frames if frames_per_chunk is None else frames_per_chunk
+        if n < 1:
+            raise ValueError(f"frames_per_chunk must be at least 1, got {n}")
         mean, std = self._latent_stats(latent.device)
         x = self.conv2((latent.float() * std + mean).to(self.dtype))
         cache = CausalCache()
-        for i in range(x.shape[2]):
-            yield self.decoder(self._chunk(x, i, i + 1), cache).clamp_(-1.0, 1.0)
+        for start, end in decode_chunks(x.shape[2], n):
+            yield self.decoder(self._chunk(x, start, end), cache).clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode(
@@ -553,11 +619,11 @@ class WanVAE(nn.Module):
         f, tf = self.config.spatial_factor, self.config.temporal_factor
         out = torch.empty(b, 3, 1 + tf * (t_lat - 1), h * f, w * f, dtype=self.dtype, device=latent.device)
         start = 0
-        for i, chunk in enumerate(self.decode_iter(latent)):
+        for chunk in self.decode_iter(latent):
             out[:, :, start:start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
             if on_frame is not None:
-                on_frame(i + 1, t_lat)
+                on_frame(latent_frames_decoded(start, tf), t_lat)
         return out
 
 
