@@ -15,12 +15,15 @@
 #   e2e      bench_e2e.py --attention auto, the 1.3B T2V sections (request -> MP4, VAE, baseline)  (~1 min)
 #   e2e14b   bench_e2e.py --only t2v_14b,i2v_a14b: 14B T2V 720p and the I2V A14B experts      (~7 min)
 #   sp       bench_sp.py --counts 1,N for the GPUs present: 14B 720p sequence parallel          (~6 min)
+#   profile  profile_gpu.py: kernel tables of one 1.3B forward (sla+fp8, and sagesla+fp8 when
+#            spas_sage_attn imports) and one VAE decode; the decode at 1 and 3 latent frames a pass, cudnn.benchmark off / on (~3 min)
+#   gemm     sweep_int8_gemm.py: the int8 GEMM's tiles vs bf16 / _int_mm / fp8 at the FFN shapes (~3 min)
 #
 # Python packages the GPU image lacks (diffusers, av, ftfy, pydantic, ...) are installed from .whl/ when
 # that folder was carried (see README, "Benchmarks").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
 OUT_DIR=${OUT:-/tmp/gpu_runs}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -75,6 +78,15 @@ run_step() {
     local n
     n=$(python3 -c "import torch; print(torch.cuda.device_count())")
     step sp python3 bench/bench_sp.py --counts "1,$n" --out "$OUT_DIR/sp_h100.json"
+    ;;
+  profile)
+    local dit="sla+fp8"
+    python3 -c "import spas_sage_attn" 2>/dev/null && dit="$dit,sagesla+fp8"
+    step profile python3 bench/profile_gpu.py --dit "$dit" --vae-chunks 1,3 --out "$OUT_DIR/profile_h100.json"
+    ;;
+  gemm)
+    step gemm python3 bench/sweep_int8_gemm.py --shapes ffn_up,ffn_down --budget-s 150 \
+      --out "$OUT_DIR/int8_gemm_sweep_h100.json"
     ;;
   *)
     echo "unknown step $1 (see the top of $0)" >&2
