@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -236,6 +237,7 @@ class Bench:
             "attention": self.cfg["attention"],
             "quant": self.cfg["quant"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("TD_")},
             "sections": {},
         }
         try:
@@ -758,7 +760,11 @@ def main() -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    # No global backend switches (TF32, cudnn.benchmark): the worker sets none, and this measures the worker.
+    # Global backend switches as the worker sets them: no TF32; cuDNN's algorithm search only when
+    # TD_CUDNN_BENCHMARK asks for it (turbodiffusion_core.pipeline).
+    from turbodiffusion_core.pipeline import cudnn_benchmark_default
+
+    torch.backends.cudnn.benchmark = torch.cuda.is_available() and cudnn_benchmark_default()
     if args.smoke:
         torch.set_flush_denormal(True)
     Bench(args).run()

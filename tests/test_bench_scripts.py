@@ -22,3 +22,19 @@ def test_dispatch_latency_script(tmp_path):
                                                         "server_added"}
     assert 0 < results["queue_wait"]["p50_ms"] < results["observed"]["p50_ms"]
     assert results["worker_total"]["p50_ms"] < results["observed"]["p50_ms"]
+
+
+def test_gpu_only_scripts_explain_themselves_and_refuse_a_cpu(tmp_path):
+    """The GPU measurement scripts print their usage, and on a machine without CUDA say so and exit 2 instead
+    of writing a result file."""
+    import torch
+
+    for script in ("bench/profile_gpu.py", "bench/sweep_int8_gemm.py"):
+        usage = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert usage.returncode == 0 and "CUDA GPU" in usage.stdout, usage.stderr[-2000:]
+        if torch.cuda.is_available():
+            continue
+        out = tmp_path / (Path(script).stem + ".json")
+        proc = subprocess.run([sys.executable, script, "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and not out.exists()
