@@ -126,19 +126,19 @@ def spas_sparse_branch(
     """O_s on SpargeAttn's kernel: q, k, v [B, L, H, D] (fp16 / bf16), its lut / valid -> [B, L, H, D].
 
     `k_mean` [B*H, 1, D] (k's mean over the tokens, which the block map already has) smooths K before its
-    int8 quantization; computed here when not given.
+    int8 quantization on the Hopper kernel; computed here when not given.
     """
     qattn, _, _ = _spas()
     kernel_name, fp8_v = _kernel_for(q.device, blocks)
     kernel = getattr(qattn, kernel_name, None)
     if kernel is None:
         raise RuntimeError(f"this spas_sage_attn build has no {kernel_name}: rebuild it for this GPU's architecture")
-    if k_mean is None:
-        k_mean = k.float().mean(dim=1)
     with torch.cuda.device(q.device):
         if kernel_name == _KERNEL_SM90:
+            if k_mean is None:
+                k_mean = k.float().mean(dim=1)
             return _sparse_token_major(kernel, q, k, v, lut, valid, blocks, k_mean)
-        return _sparse_head_major(kernel, fp8_v, q, k, v, lut, valid, blocks, k_mean).transpose(1, 2)
+        return _sparse_head_major(kernel, fp8_v, q, k, v, lut, valid, blocks).transpose(1, 2)
 
 
 def _sparse_token_major(kernel: Any, q, k, v, lut, valid, blocks, k_mean) -> torch.Tensor:
@@ -157,14 +157,14 @@ def _sparse_token_major(kernel: Any, q, k, v, lut, valid, blocks, k_mean) -> tor
     return out
 
 
-def _sparse_head_major(kernel: Any, fp8_v: bool, q, k, v, lut, valid, blocks, k_mean) -> torch.Tensor:
+def _sparse_head_major(kernel: Any, fp8_v: bool, q, k, v, lut, valid, blocks) -> torch.Tensor:
     """The mma.sync kernels (Ampere, Ada; `blocks=MMA_BLOCKS` on Hopper) on [B, H, L, D] copies quantized by
-    SpargeAttn's own helpers, as TurboDiffusion calls them: O_s as [B, H, L, D]."""
+    SpargeAttn's own helpers (k centred with its own mean), as TurboDiffusion calls them: O_s as [B, H, L, D]."""
     _, fused, quantize_qk = _spas()
     blkq, blkk = blocks
     batch, length, heads, dim = q.shape
     qh, kh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-    q_int8, q_scale, k_int8, k_scale = quantize_qk(qh, kh, k_mean.view(batch, heads, 1, dim), blkq, blkk)
+    q_int8, q_scale, k_int8, k_scale = quantize_qk(qh, kh, kh.mean(dim=2, keepdim=True), blkq, blkk)
     out = torch.empty_like(qh)
     args = (_HND, 0, _PER_BLOCK, 1.0 / math.sqrt(dim))
     vh = v.transpose(1, 2)  # [B, H, L, D] view: the kernels read V through its strides

@@ -23,7 +23,6 @@ Latents are normalised per channel, latent = (mu - mean) / std, with the Wan2.1 
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -167,17 +166,15 @@ class CausalConv3d(nn.Conv3d):
         history = cache.tails.get(self) if cache is not None else None
         if cache is not None:
             cache.tails[self] = _new_tail(history, x)
-        if history is not None:
-            history = history[:, :, -self.time_pad:]
-        missing = self.time_pad - (0 if history is None else history.shape[2])
-        if self._split_taps(x):
-            return self._conv_by_taps(x, history, missing, bias)
         parts = [x] if history is None else [history, x]
+        missing = self.time_pad - (0 if history is None else history.shape[2])
         if missing > 0:
             b, c, _, h, w = x.shape
             zeros = torch.empty(b, c, missing, h, w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
             parts.insert(0, zeros.zero_())  # same layout as x, so the concatenation keeps it
         x = torch.cat(parts, dim=2)
+        if self._split_taps(x):
+            return self._conv_by_taps(x, bias)
         if x.device.type == "cpu":
             return _conv3d_on_cpu(self, x, bias)
         return self._conv_forward(x, self.weight, bias)
@@ -187,41 +184,20 @@ class CausalConv3d(nn.Conv3d):
             self.in_channels <= TAP_SPLIT_MAX_CHANNELS and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
         )
 
-    def _tap_weights(self) -> list[torch.Tensor]:
-        """Each temporal tap's [O, C, kh, kw] weight, channels-last (else the 2D convolution would fall back
-        to NCHW and convert its whole input); made once per weight tensor, not on every call."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        cached = getattr(self, "_taps_cache", None)
-        if cached is None or cached[0] != key:
-            taps = [self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
-                    for k in range(self.kernel_size[0])]
-            self._taps_cache = cached = (key, taps)
-        return cached[1]
-
-    def _conv_by_taps(self, x: torch.Tensor, history: Optional[torch.Tensor], missing: int,
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The same causal conv as a sum over its temporal taps of 2D convs over frames, reading the chunk
-        and the cached history where they lie instead of concatenating them (a copy of the whole input).
-
-        With batch 1 a channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames. The
-        padded stream is S = [`missing` zero frames, history, x] and out[t] = sum_k W_k S[t + k]: the last
-        tap reads x[t] for every t and makes `out`; tap k < last adds W_k x[t - shift] (shift = last - k)
-        to out[shift:], and the history frames to the first outputs (the zeros add nothing)."""
+    def _conv_by_taps(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same conv as a sum over its temporal taps of 2D convs over frames. With batch 1 a
+        channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames: no copies of
+        the activations. Each tap's weight is made channels-last too (a few hundred KB), else the
+        convolution would fall back to NCHW and convert the whole input."""
         frames = x[0].permute(1, 0, 2, 3)
-        past = history[0].permute(1, 0, 2, 3) if history is not None else None
-        count = frames.shape[0]
-        weights = self._tap_weights()
-        last = self.time_pad
-        pad = self.padding[1:]
-        out = F.conv2d(frames, weights[last], bias, padding=pad)
-        for k in range(last):
-            shift = last - k
-            if shift < count:
-                out[shift:].add_(F.conv2d(frames[:count - shift], weights[k], None, padding=pad))
-            lo, hi = max(0, missing - k), min(shift, count)
-            if past is not None and lo < hi:
-                out[lo:hi].add_(F.conv2d(past[lo + k - missing:hi + k - missing], weights[k], None, padding=pad))
-        # Back to [1,O,T,H,W] with the batch stride a channels-last tensor would have (a size-1 dim's
+        taps = self.kernel_size[0]
+        n = frames.shape[0] - taps + 1
+        out = None
+        for k in range(taps):
+            weight = self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(frames[k:k + n], weight, bias if k == 0 else None, padding=self.padding[1:])
+            out = y if out is None else out.add_(y)
+        # Back to [1,O,n,H,W] with the batch stride a channels-last tensor would have (a size-1 dim's
         # stride is free, but PyTorch's layout inference, e.g. in torch.cat, reads it).
         o, n, h, w = out.shape[1], out.shape[0], out.shape[2], out.shape[3]
         return out.permute(1, 0, 2, 3).unsqueeze(0).as_strided((1, o, n, h, w), (n * h * w * o, 1, h * w * o, w * o, o))
