@@ -13,10 +13,10 @@ For q, k, v [B, L, H, D]:
    blocks. The kernels mask the sequence's partial last key block only in their last iteration, which is
    right because the indices are ascending.
 3. `spas_sparse_branch` runs the kernel (softmax scale 1/sqrt(D), no causal mask, no PV-skip threshold) on
-   int8 q, k (k centred with the mean the block map already computed) and FP8 V (FP16 on Ampere). For
-   the Hopper kernel they are quantized where they lie (attention/sage_inputs.py) and it runs in its
-   token-major layout; the mma.sync kernels get [B, H, L, D] copies quantized by SpargeAttn's helpers.
-   O_s as [B, L, H, D].
+   int8 q, k (k mean-centred) and FP8 V (FP16 on Ampere). For the Hopper kernel they are quantized where
+   they lie (attention/sage_inputs.py, k centred with the mean the block map already computed) and it runs
+   in its token-major layout; the mma.sync kernels get [B, H, L, D] copies quantized by SpargeAttn's
+   helpers. O_s as [B, L, H, D] (a view of [B, H, L, D] memory for the mma.sync kernels).
 4. `sla_add_linear` (the sla kernel's own epilogue) adds proj_l(O_l) and writes [B, L, H, D].
 
 Block sizes. SpargeAttn's kernels have fixed tiles, and a kept block must be exactly one tile: the Hopper
@@ -202,7 +202,9 @@ def sagesla_attention(
     """SageSLA for q, k, v [B, L, H, D] -> [B, L, H, D] in q's dtype (module docstring).
 
     `blocks` = (query, key) block sizes, by default the GPU's fastest kernel's (`native_blocks`).
-    `proj_l=None` means SLA's zero-initialised projection: the sparse branch alone. The result is contiguous.
+    `proj_l=None` means SLA's zero-initialised projection: the sparse branch alone (contiguous from the Hopper
+    kernel, a [B, L, H, D] view of [B, H, L, D] memory from the others; `reshape` copies it). With proj_l
+    the result is contiguous.
     """
     blocks = tuple(blocks) if blocks is not None else native_blocks(q.device)
     _check(q, blocks)
