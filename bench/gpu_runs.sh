@@ -56,7 +56,8 @@ run_step() {
       echo "sagesla: spas_sage_attn is not importable here; install SpargeAttn first (see its README)" >&2
       return 1
     fi
-    step sagesla python3 -m pytest --noconftest -q -rfEs -s -k "not in_interpreter" tests/test_sagesla.py
+    step sagesla python3 -m pytest --noconftest -q -rfEs -s -k "not in_interpreter" tests/test_sagesla.py \
+      tests/test_kernels_sage_inputs.py
     step sagesla python3 bench/check_kernels.py --only sla --out "$OUT_DIR/kernels_sla_h100.json"
     ;;
   dit)
