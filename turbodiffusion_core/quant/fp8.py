@@ -54,7 +54,7 @@ class Fp8Rows(NamedTuple):
         return self.data.device
 
     def dequantize(self) -> torch.Tensor:
-        rows = self.data.reshape(-1, self.data.shape[-1]).float() * self.scale.reshape(-1, 1)
+        rows = dequantize_fp8_rowwise(self.data.reshape(-1, self.data.shape[-1]), self.scale.reshape(-1))
         return rows.reshape(self.data.shape).to(self.dtype)
 
 
