@@ -150,6 +150,10 @@ def median_timings(runs: list[dict[str, float]]) -> dict[str, float]:
 # random modules at the real shapes
 # ------------------------------------------------------------------------------------------------
 from bench.random_models import random_dit, random_vae  # noqa: E402
+from worker.residency import EngineOptions  # noqa: E402
+
+WORKER_OPTIONS = EngineOptions.from_env()
+"""The worker's TD_* options; the VAE decode ones (TD_VAE_CHUNK_FRAMES, TD_CUDNN_BENCHMARK) apply here too."""
 
 
 def diffusers_vae_like(vae, dtype: torch.dtype):
@@ -290,6 +294,7 @@ class Bench:
             c = self.cfg
             vae = random_vae(c["vae"], c["device"], seed=2).to(c["dtype"])
             self.state["vae"] = vae.use_channels_last() if c["device"] == "cuda" else vae
+        self.state["vae"].decode_chunk_frames = WORKER_OPTIONS.decode_args["vae_chunk_frames"]
         return self.state["vae"]
 
     # --- sections --------------------------------------------------------------------------------
@@ -341,6 +346,7 @@ class Bench:
         ours = vae.to(c["dtype"])
         if c["device"] == "cuda":
             ours.use_channels_last()
+        ours.decode_chunk_frames = WORKER_OPTIONS.decode_args["vae_chunk_frames"]
         self.state["vae"] = ours
         from turbodiffusion_core.models.vae import VAE_CONFIGS
 
@@ -761,10 +767,8 @@ def main() -> int:
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     # Global backend switches as the worker sets them: no TF32; cuDNN's algorithm search only when
-    # TD_CUDNN_BENCHMARK asks for it (turbodiffusion_core.pipeline).
-    from turbodiffusion_core.pipeline import cudnn_benchmark_default
-
-    torch.backends.cudnn.benchmark = torch.cuda.is_available() and cudnn_benchmark_default()
+    # TD_CUDNN_BENCHMARK asks for it (worker.residency.EngineOptions, as the VAE's frames per pass).
+    torch.backends.cudnn.benchmark = torch.cuda.is_available() and WORKER_OPTIONS.decode_args["cudnn_benchmark"]
     if args.smoke:
         torch.set_flush_denormal(True)
     Bench(args).run()

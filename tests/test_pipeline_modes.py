@@ -248,9 +248,18 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert EngineOptions.from_env({"TD_WARMUP": "0"}).should_warm_up("cuda") is False
     with pytest.raises(ValueError, match="TD_EXPERT_RESIDENCY"):
         EngineOptions.from_env({"TD_EXPERT_RESIDENCY": "sometimes"})
+    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False}
+    decode = EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": " 3 ", "TD_CUDNN_BENCHMARK": "on"}).decode_args
+    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True}
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="TD_VAE_CHUNK_FRAMES"):
+            EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": bad})
+    with pytest.raises(ValueError, match="TD_CUDNN_BENCHMARK"):
+        EngineOptions.from_env({"TD_CUDNN_BENCHMARK": "sometimes"})
 
     residency = Residency.load(["tiny-i2v"], models_dir=models_dir, device="cpu",
-                               options=EngineOptions(expert_residency="swap", warmup="1"))
+                               options=EngineOptions(expert_residency="swap", warmup="1", vae_chunk_frames="3"))
+    assert residency.get("tiny-i2v").vae.decode_chunk_frames == 3  # the option reaches the loaded VAE
     info = residency.describe()["tiny-i2v"]
     assert info["expert_residency"] == "swap" and info["warmup_seconds"] > 0
     assert info["expert_residency_detail"]["switches"] == 2  # the warm-up ran both experts

@@ -248,21 +248,3 @@ def test_cuda_channels_last_fused_path_matches_reference(dtype):
     fast.decode_chunk_frames = 2  # two latent frames per pass: the same video on the fused path too
     assert rel_err(fast.decode(latent).float(), ref_out) < tol
 
-
-def test_worker_decode_options_read_the_environment(monkeypatch):
-    """TD_VAE_CHUNK_FRAMES sets a new VAE's latent frames per decoder pass; TD_CUDNN_BENCHMARK the search."""
-    from turbodiffusion_core.models.vae import DECODE_CHUNK_FRAMES, decode_chunk_frames_default
-    from turbodiffusion_core.pipeline import cudnn_benchmark_default
-
-    monkeypatch.delenv("TD_VAE_CHUNK_FRAMES", raising=False)
-    assert decode_chunk_frames_default() == DECODE_CHUNK_FRAMES
-    monkeypatch.setenv("TD_VAE_CHUNK_FRAMES", " 3 ")
-    assert WanVAE(VAE_CONFIGS["tiny"]).decode_chunk_frames == 3
-    for bad in ("0", "two", "-1"):
-        monkeypatch.setenv("TD_VAE_CHUNK_FRAMES", bad)
-        with pytest.raises(ValueError, match="TD_VAE_CHUNK_FRAMES"):
-            decode_chunk_frames_default()
-    monkeypatch.delenv("TD_CUDNN_BENCHMARK", raising=False)
-    assert cudnn_benchmark_default() is False
-    monkeypatch.setenv("TD_CUDNN_BENCHMARK", "on")
-    assert cudnn_benchmark_default() is True

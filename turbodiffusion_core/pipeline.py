@@ -34,7 +34,6 @@ and call `VideoPipeline(preset, text_encoder=..., vae=..., experts=..., device=.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import tempfile
@@ -54,13 +53,6 @@ from .residency import MODES as EXPERT_RESIDENCY_MODES
 from .residency import ExpertResidency, choose_mode, module_bytes, same_device
 
 log = logging.getLogger("turbodiffusion.pipeline")
-
-CUDNN_BENCHMARK_ENV = "TD_CUDNN_BENCHMARK"
-
-
-def cudnn_benchmark_default() -> bool:
-    """TD_CUDNN_BENCHMARK: 1 / true / yes / on turns cuDNN's per-shape algorithm search on (default off)."""
-    return os.environ.get(CUDNN_BENCHMARK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 ProgressFn = Callable[[spec.ProgressEvent], None]
 CancelFn = Callable[[], bool]
@@ -387,6 +379,8 @@ class VideoPipeline:
         text_encoder: str = "auto",
         compile_dit: Union[bool, str] = False,
         reserve_gb: Optional[float] = None,
+        vae_chunk_frames: int = 1,
+        cudnn_benchmark: bool = False,
     ) -> "VideoPipeline":
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
@@ -403,10 +397,11 @@ class VideoPipeline:
         log.info("loading %s on %s (%s, attention=%s, quant=%s)", preset.id, dev, dtype, attention, quant or "none")
 
         vae = load_vae(paths["vae"], config="tiny" if tiny else "wan2.1", device=dev, dtype=dtype)
+        vae.decode_chunk_frames = vae_chunk_frames
         if dev.type == "cuda":
-            # cuDNN's algorithm search for the VAE's convolutions (shapes repeat per resolution; the worker's
-            # warm-up pays for the search)
-            torch.backends.cudnn.benchmark = cudnn_benchmark_default()
+            # cuDNN's algorithm search for the VAE's convolutions (shapes repeat per resolution; a warm-up
+            # pays for the search)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
 
         # Order of priority for GPU memory: the first expert, the text encoder, the other expert (a
         # streamed expert switch hides under compute; a text encoder on the CPU costs seconds a prompt).
@@ -869,8 +864,11 @@ def load_pipeline(
     text_encoder: str = "auto",
     compile_dit: Union[bool, str] = False,
     reserve_gb: Optional[float] = None,
+    vae_chunk_frames: int = 1,
+    cudnn_benchmark: bool = False,
 ) -> VideoPipeline:
     """Build the resident pipeline of one preset (see module docstring)."""
     return VideoPipeline.from_preset(model_id, models_dir=models_dir, device=device, attention=attention,
                                      quant=quant, dtype=dtype, expert_residency=expert_residency,
-                                     text_encoder=text_encoder, compile_dit=compile_dit, reserve_gb=reserve_gb)
+                                     text_encoder=text_encoder, compile_dit=compile_dit, reserve_gb=reserve_gb,
+                                     vae_chunk_frames=vae_chunk_frames, cudnn_benchmark=cudnn_benchmark)

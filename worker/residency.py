@@ -43,6 +43,10 @@ class EngineOptions:
     - TD_COMPILE: 0 | 1 | <torch.compile backend>. torch.compile the DiT forward (off by default).
     - TD_RESERVE_GB: working memory the auto choices keep free (default by model size and resolution:
       4 / 8 GB for the 1.3B model at 480p / 720p, 8 / 16 GB for the 14B ones).
+    - TD_VAE_CHUNK_FRAMES: latent frames per VAE decoder pass after the first (default 1, as the official
+      code; the same video for any value, faster and more memory for larger ones).
+    - TD_CUDNN_BENCHMARK: 1 | 0. cuDNN's per-shape algorithm search for the VAE's convolutions (default off;
+      the warm-up pays for the search).
     """
 
     expert_residency: str = "auto"
@@ -50,6 +54,8 @@ class EngineOptions:
     warmup: str = "auto"
     compile_dit: str = "0"
     reserve_gb: Optional[float] = None
+    vae_chunk_frames: str = "1"
+    cudnn_benchmark: str = "0"
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "EngineOptions":
@@ -61,6 +67,8 @@ class EngineOptions:
             warmup=env.get("TD_WARMUP", "auto").strip().lower() or "auto",
             compile_dit=env.get("TD_COMPILE", "0").strip() or "0",
             reserve_gb=float(reserve) if reserve else None,
+            vae_chunk_frames=env.get("TD_VAE_CHUNK_FRAMES", "1").strip() or "1",
+            cudnn_benchmark=env.get("TD_CUDNN_BENCHMARK", "0").strip().lower() or "0",
         )
         options.check()
         return options
@@ -73,6 +81,11 @@ class EngineOptions:
             problems.append(f"TD_TEXT_ENCODER must be auto, gpu, gpu-fp8 or cpu; got {self.text_encoder!r}")
         if self.warmup not in ("auto", *_ON, *_OFF):
             problems.append(f"TD_WARMUP must be auto, 1 or 0; got {self.warmup!r}")
+        if not self.vae_chunk_frames.isdigit() or int(self.vae_chunk_frames) < 1:
+            problems.append(f"TD_VAE_CHUNK_FRAMES must be a positive integer (latent frames per decoder pass); "
+                            f"got {self.vae_chunk_frames!r}")
+        if self.cudnn_benchmark not in (*_ON, *_OFF):
+            problems.append(f"TD_CUDNN_BENCHMARK must be 1 or 0; got {self.cudnn_benchmark!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -85,6 +98,11 @@ class EngineOptions:
         if value in _ON:
             return True
         return self.compile_dit
+
+    @property
+    def decode_args(self) -> dict[str, Any]:
+        """The pipeline's VAE decode arguments: vae_chunk_frames and cudnn_benchmark."""
+        return {"vae_chunk_frames": int(self.vae_chunk_frames), "cudnn_benchmark": self.cudnn_benchmark in _ON}
 
     def should_warm_up(self, device_type: str) -> bool:
         if self.warmup == "auto":
@@ -121,7 +139,8 @@ class Residency:
                      options)
             pipe = load_pipeline(model, models_dir=models_dir, device=device, attention=attention, quant=quant,
                                  expert_residency=options.expert_residency, text_encoder=options.text_encoder,
-                                 compile_dit=options.compile_arg, reserve_gb=options.reserve_gb)
+                                 compile_dit=options.compile_arg, reserve_gb=options.reserve_gb,
+                                 **options.decode_args)
             if options.should_warm_up(pipe.device.type):
                 pipe.warmup()
             pipelines[model] = pipe

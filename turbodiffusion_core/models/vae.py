@@ -22,7 +22,6 @@ Latents are normalised per channel, latent = (mu - mean) / std, with the Wan2.1 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -51,17 +50,6 @@ of the last decoder stage: 3.7 ms as a 3D conv vs 2.6 ms as three 2D convs for 6
 
 DECODE_CHUNK_FRAMES = 1
 """Latent frames per decoder pass after the first (`WanVAE.decode_iter`); the official code decodes one."""
-CHUNK_FRAMES_ENV = "TD_VAE_CHUNK_FRAMES"
-
-
-def decode_chunk_frames_default() -> int:
-    """TD_VAE_CHUNK_FRAMES (a positive integer), else DECODE_CHUNK_FRAMES."""
-    raw = os.environ.get(CHUNK_FRAMES_ENV, "").strip()
-    if not raw:
-        return DECODE_CHUNK_FRAMES
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{CHUNK_FRAMES_ENV}={raw!r}: expected a positive integer (latent frames per decoder pass)")
-    return int(raw)
 
 
 def decode_chunks(latent_frames: int, per_chunk: int) -> list[tuple[int, int]]:
@@ -516,7 +504,7 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
         self.memory_format = torch.contiguous_format
-        self.decode_chunk_frames = decode_chunk_frames_default()
+        self.decode_chunk_frames = DECODE_CHUNK_FRAMES
 
     def use_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Store the 3D conv weights (and run activations) channels-last (NDHWC), the GPU fast path:
