@@ -8,8 +8,9 @@ it records what ran (kernel names, counts, milliseconds) rather than a headline 
 DiT: the 1.3B model at 480p (81 frames, 32,760 tokens), random weights (bench/random_models.py), one
 config per `attention+quant` name as in bench_dit.py; each is timed (median of --repeat forwards) and one
 forward is profiled. VAE: the Wan2.1 VAE in bf16, channels-last, 480p 81 frames; each chunk size is timed
-(median of --repeat decodes, peak memory) with cuDNN's algorithm search (`cudnn.benchmark`) off, then on, and
-the decode at the first size is profiled.
+(median of --repeat decodes, peak memory) with cuDNN's algorithm search (`cudnn.benchmark`) off, then on, the
+first size once more with the concatenating tap-split convs (`CausalConv3d.taps_in_place = False`), and the
+decode at the first size is profiled.
 Needs a CUDA GPU.
 """
 
@@ -89,16 +90,20 @@ def profile_dit(configs: list[str], warmup: int, repeat: int, top: int) -> list[
 
 
 def profile_vae(chunks: list[int], warmup: int, repeat: int, top: int) -> list[dict]:
+    from turbodiffusion_core.models.vae import CausalConv3d
+
     vae = random_vae("wan2.1", "cuda", seed=2).to(torch.bfloat16).use_channels_last()
     g = torch.Generator(device="cuda").manual_seed(3)
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=g)
     results = []
     reference = None
-    runs = [(n, bench) for bench in (False, True) for n in chunks]  # cuDNN's algorithm search off, then on
-    for i, (n, cudnn_benchmark) in enumerate(runs):
+    # cuDNN's algorithm search off, then on; the first size again with the concatenating tap-split convs
+    runs = [(n, bench, True) for bench in (False, True) for n in chunks] + [(chunks[0], False, False)]
+    for i, (n, cudnn_benchmark, in_place) in enumerate(runs):
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        CausalConv3d.taps_in_place = in_place
         vae.decode_chunk_frames = n
-        row: dict = {"frames_per_chunk": n, "cudnn_benchmark": cudnn_benchmark}
+        row: dict = {"frames_per_chunk": n, "cudnn_benchmark": cudnn_benchmark, "taps_in_place": in_place}
         try:
             with torch.inference_mode():
                 fwd = lambda: vae.decode(latent)  # noqa: E731
@@ -118,6 +123,7 @@ def profile_vae(chunks: list[int], warmup: int, repeat: int, top: int) -> list[d
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         results.append(row)
     torch.backends.cudnn.benchmark = False
+    CausalConv3d.taps_in_place = True
     return results
 
 

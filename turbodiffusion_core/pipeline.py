@@ -177,11 +177,11 @@ class _Mp4Thread:
     """Encodes uint8 frame chunks to an MP4 on a background thread while the caller decodes more.
     `finish()` flushes and closes the file (faststart) and returns its path; `abort()` removes it."""
 
-    def __init__(self, path: Path, width: int, height: int):
+    def __init__(self, path: Path, width: int, height: int, x264_params: Optional[str] = None):
         from .video import Mp4Writer
 
         self.path = Path(path)
-        self._writer = Mp4Writer(self.path, width, height)
+        self._writer = Mp4Writer(self.path, width, height, x264_params=x264_params)
         self._queue: queue.Queue = queue.Queue()
         self.error: Optional[BaseException] = None
         self.busy = 0.0  # seconds the thread spent encoding

@@ -63,11 +63,15 @@ class Mp4Writer:
 
     Usable as a context manager; if the block raises, the partial file is removed.
     `preset` trades encode time for size (veryfast encodes about twice as fast as medium for a
-    similar size at crf 18 on our clips); `crf` 18 is visually lossless for this content.
+    similar size at crf 18 on our clips); `crf` 18 is visually lossless for this content. `x264_params`
+    ("key=value:key=value", libx264's own option string) sets what the preset leaves, e.g. how many frames
+    the encoder holds back (threads, lookahead), which is what `close` still has to encode when a
+    streamed decode ends (bench/mp4_tail.py measures it).
     """
 
     def __init__(
-        self, path: PathLike, width: int, height: int, fps: int = FPS, crf: int = 18, preset: str = "veryfast"
+        self, path: PathLike, width: int, height: int, fps: int = FPS, crf: int = 18, preset: str = "veryfast",
+        x264_params: Optional[str] = None,
     ) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"yuv420p needs even width and height; got {width}x{height}")
@@ -75,7 +79,10 @@ class Mp4Writer:
         self.width, self.height = width, height
         self.frames_written = 0
         self._container = av.open(str(self.path), mode="w", format="mp4", options={"movflags": "+faststart"})
-        stream = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": preset})
+        options = {"crf": str(crf), "preset": preset}
+        if x264_params:
+            options["x264-params"] = x264_params
+        stream = self._container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, fps)
         ctx = stream.codec_context

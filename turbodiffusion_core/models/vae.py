@@ -140,6 +140,11 @@ class CausalConv3d(nn.Conv3d):
     padding is the cached history of the previous chunk, topped up with zeros at the start of a clip.
     """
 
+    taps_in_place = True
+    """On the fused GPU path, tap-split convs (`TAP_SPLIT_MAX_CHANNELS`) read the cached history and the chunk
+    where they lie instead of concatenating them first; False runs the concatenating version (kept for
+    comparison in bench/profile_gpu.py)."""
+
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0) -> None:
         kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
         pad = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
@@ -154,8 +159,12 @@ class CausalConv3d(nn.Conv3d):
         history = cache.tails.get(self) if cache is not None else None
         if cache is not None:
             cache.tails[self] = _new_tail(history, x)
-        parts = [x] if history is None else [history, x]
+        if history is not None:
+            history = history[:, :, -self.time_pad:]
         missing = self.time_pad - (0 if history is None else history.shape[2])
+        if self.taps_in_place and self._split_taps(x):
+            return self._conv_by_taps_in_place(x, history, missing, bias)
+        parts = [x] if history is None else [history, x]
         if missing > 0:
             b, c, _, h, w = x.shape
             zeros = torch.empty(b, c, missing, h, w, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
@@ -172,6 +181,42 @@ class CausalConv3d(nn.Conv3d):
             self.in_channels <= TAP_SPLIT_MAX_CHANNELS and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
         )
 
+    def _tap_weights(self) -> list[torch.Tensor]:
+        """Each temporal tap's [O, C, kh, kw] weight, channels-last (else the 2D convolution would fall back
+        to NCHW and convert its whole input); made once per weight tensor, not on every call."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        cached = getattr(self, "_taps_cache", None)
+        if cached is None or cached[0] != key:
+            taps = [self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
+                    for k in range(self.kernel_size[0])]
+            self._taps_cache = cached = (key, taps)
+        return cached[1]
+
+    def _conv_by_taps_in_place(self, x: torch.Tensor, history: Optional[torch.Tensor], missing: int,
+                               bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """`_conv_by_taps` without concatenating [zeros, history, x] first (a copy of the whole input): the
+        chunk and the cached history are read where they lie.
+
+        The padded stream is S = [`missing` zero frames, history, x] and out[t] = sum_k W_k S[t + k]. The
+        last tap reads x[t] for every t and makes `out`; tap k < last adds W_k x[t - shift] (shift = last - k)
+        to out[shift:], and W_k applied to the history frames it reaches to the first outputs (the zeros
+        add nothing)."""
+        frames = x[0].permute(1, 0, 2, 3)
+        past = history[0].permute(1, 0, 2, 3) if history is not None else None
+        count = frames.shape[0]
+        weights = self._tap_weights()
+        last = self.time_pad
+        pad = self.padding[1:]
+        out = F.conv2d(frames, weights[last], bias, padding=pad)
+        for k in range(last):
+            shift = last - k
+            if shift < count:
+                out[shift:].add_(F.conv2d(frames[:count - shift], weights[k], None, padding=pad))
+            lo, hi = max(0, missing - k), min(shift, count)
+            if past is not None and lo < hi:
+                out[lo:hi].add_(F.conv2d(past[lo + k - missing:hi + k - missing], weights[k], None, padding=pad))
+        return _frames_to_clip(out)
+
     def _conv_by_taps(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The same conv as a sum over its temporal taps of 2D convs over frames. With batch 1 a
         channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames: no copies of
@@ -185,10 +230,15 @@ class CausalConv3d(nn.Conv3d):
             weight = self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
             y = F.conv2d(frames[k:k + n], weight, bias if k == 0 else None, padding=self.padding[1:])
             out = y if out is None else out.add_(y)
-        # Back to [1,O,n,H,W] with the batch stride a channels-last tensor would have (a size-1 dim's
-        # stride is free, but PyTorch's layout inference, e.g. in torch.cat, reads it).
-        o, n, h, w = out.shape[1], out.shape[0], out.shape[2], out.shape[3]
-        return out.permute(1, 0, 2, 3).unsqueeze(0).as_strided((1, o, n, h, w), (n * h * w * o, 1, h * w * o, w * o, o))
+        return _frames_to_clip(out)
+
+
+def _frames_to_clip(out: torch.Tensor) -> torch.Tensor:
+    """A channels-last [n,O,H,W] batch of frames as the [1,O,n,H,W] clip it is, with the batch stride a
+    channels-last tensor would have (a size-1 dim's stride is free, but PyTorch's layout inference, e.g. in
+    torch.cat, reads it)."""
+    o, n, h, w = out.shape[1], out.shape[0], out.shape[2], out.shape[3]
+    return out.permute(1, 0, 2, 3).unsqueeze(0).as_strided((1, o, n, h, w), (n * h * w * o, 1, h * w * o, w * o, o))
 
 
 def _conv3d_on_cpu(conv: nn.Conv3d, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
