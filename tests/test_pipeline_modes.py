@@ -180,6 +180,17 @@ def test_cancel_during_decode_leaves_no_partial_files(t2v, tmp_path):
         t2v.generate(_t2v_req(), on_progress=cancel_in_decode, output_dir=folder)
     assert folder.exists() and list(folder.iterdir()) == []
 
+    # late in the decode the thumbnail (the middle frame, 4 of 9) has already been written from the frames
+    # landed so far (each chunk lands while the next decodes): a cancel then removes it as well
+    def cancel_late_in_decode(event):
+        if event.stage == "vae_decode" and event.fraction >= 0.99:
+            assert any(folder.glob("*_thumbnail.webp")), "the thumbnail is written during the decode"
+            raise Cancelled("TEST: stop at the end of the VAE decode")
+
+    with pytest.raises(Cancelled):
+        t2v.generate(_t2v_req(num_frames=9), on_progress=cancel_late_in_decode, output_dir=folder)
+    assert list(folder.iterdir()) == []
+
     # the MP4 writer opens before the model runs (an extension's prefix encodes meanwhile): a cancel between
     # steps must remove its file too
     steps = []

@@ -16,6 +16,7 @@ from turbodiffusion_core.video import (
     spritesheet_indices,
     write_mp4,
     write_outputs,
+    PreviewWriter,
     write_spritesheet,
     write_thumbnail,
 )
@@ -128,6 +129,34 @@ def test_spritesheet_grid(frames, tmp_path):
     # the last tile is the last frame
     last = np.asarray(Image.fromarray(frames[-1]).resize((80, 48)), dtype=np.int16)
     assert np.abs(sheet[48:, 160:] - last).mean() < 6
+
+
+def test_previews_built_chunk_by_chunk_equal_the_whole_video_ones(frames, tmp_path):
+    """What a streamed decode does: frames arrive 1, then 4 at a time; the thumbnail and spritesheet files are
+    the same bytes as those made from the whole array at the end."""
+    whole_thumb = write_thumbnail(frames, tmp_path / "whole.webp")
+    whole_sheet = write_spritesheet(frames, tmp_path / "whole.jpg")
+    previews = PreviewWriter(len(frames), tmp_path / "t.webp", tmp_path / "s.jpg")
+    starts = [0] + list(range(1, len(frames), 4))
+    for start, stop in zip(starts, starts[1:] + [len(frames)]):
+        previews.add(frames[start:stop], start)
+        assert (tmp_path / "t.webp").exists() == (stop > len(frames) // 2)  # written once its frame came
+    assert previews.finish() == {"thumbnail": tmp_path / "t.webp", "spritesheet": tmp_path / "s.jpg"}
+    assert (tmp_path / "t.webp").read_bytes() == whole_thumb.read_bytes()
+    assert (tmp_path / "s.jpg").read_bytes() == whole_sheet.read_bytes()
+    previews.discard()
+    assert not (tmp_path / "t.webp").exists() and not (tmp_path / "s.jpg").exists()
+
+
+def test_previews_name_frames_that_never_came(frames, tmp_path):
+    previews = PreviewWriter(len(frames), None, tmp_path / "s.jpg")
+    previews.add(frames[:3], 0)
+    with pytest.raises(ValueError, match="spritesheet frames missing"):
+        previews.finish()
+    with pytest.raises(ValueError, match="outside a video"):
+        previews.add(frames[:3], len(frames) - 1)
+    with pytest.raises(ValueError, match="at least one frame"):
+        PreviewWriter(0, tmp_path / "t.webp")
 
 
 def test_spritesheet_indices_are_even_and_bounded():

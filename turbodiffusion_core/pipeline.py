@@ -597,6 +597,7 @@ class VideoPipeline:
 
         mp4 = None
         paths = None
+        previews = None
         if output_dir is not None:
             from .video import output_paths
 
@@ -607,6 +608,14 @@ class VideoPipeline:
                 mp4 = _Mp4Thread(paths["video"], req.width, req.height)
                 if prefix_frames is not None:
                     mp4.put(prefix_frames)
+            if prefix_frames is None and any(v in variants for v in ("thumbnail", "spritesheet")):
+                # built from the frames as they are decoded (an extension's video starts with the prefix:
+                # its previews are made at the end from the whole video)
+                from .video import PreviewWriter
+
+                previews = PreviewWriter(req.num_frames,
+                                         paths["thumbnail"] if "thumbnail" in variants else None,
+                                         paths["spritesheet"] if "spritesheet" in variants else None)
         try:
             with torch.inference_mode():
                 report(spec.ProgressEvent("text_encode", 0.0))
@@ -647,16 +656,19 @@ class VideoPipeline:
 
                 report(spec.ProgressEvent("vae_decode", 0.0))
                 with timer.stage("vae_decode"):
-                    frames = self._decode(latent, report, mp4, skip_first=prefix_frames is not None)
+                    frames = self._decode(latent, report, mp4, skip_first=prefix_frames is not None,
+                                          previews=previews)
                 if prefix_frames is not None:
                     frames = np.concatenate([prefix_frames, frames[1:]])
         except BaseException:
             if mp4 is not None:
                 mp4.abort()
+            if previews is not None:
+                previews.discard()
             raise
 
         if paths is not None:
-            files = self._finish_outputs(frames, paths, variants, mp4, timer, report)
+            files = self._finish_outputs(frames, paths, variants, mp4, timer, report, previews)
         info = {"experts": expert_trace} if expert_trace else {}
         if self.residency.swapping:
             after = self.residency.stats()
@@ -665,10 +677,11 @@ class VideoPipeline:
                                 height=req.height, num_frames=len(frames), info=info, files=files)
 
     def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread],
-                skip_first: bool = False) -> np.ndarray:
+                skip_first: bool = False, previews=None) -> np.ndarray:
         """Decode chunk by chunk (`WanVAE.decode_iter`) into uint8 frames, handing each chunk to the MP4 thread
-        (without the very first frame when `skip_first`: an extension's repeat of the frame it continues).
-        On a GPU each chunk's uint8 copy to pinned host memory runs while the next chunk decodes."""
+        (without the very first frame when `skip_first`: an extension's repeat of the frame it continues)
+        and to `previews` (a `video.PreviewWriter`). On a GPU each chunk's uint8 copy to pinned host memory,
+        and the CPU work on the chunk before it, run while the next chunk decodes."""
         from .models.vae import latent_frames_decoded
 
         cfg = self.vae.config
@@ -690,6 +703,8 @@ class VideoPipeline:
                 first = 1 if skip_first and filled == 0 else 0
                 if n > first:
                     mp4.put(frames[filled + first:filled + n])
+            if previews is not None:
+                previews.add(frames[filled:filled + n], filled)
             filled += n
 
         for chunk in self.vae.decode_iter(latent.to(self.vae_dtype)):
@@ -713,24 +728,30 @@ class VideoPipeline:
         return frames
 
     def _finish_outputs(self, frames: np.ndarray, paths: dict[str, Path], variants: Sequence[str],
-                        mp4: Optional[_Mp4Thread], timer: _Timer, report: ProgressFn) -> dict[str, Path]:
-        """After decoding: preview images on a thread while the MP4 finishes; time what is left of each."""
-        from .video import write_spritesheet, write_thumbnail
+                        mp4: Optional[_Mp4Thread], timer: _Timer, report: ProgressFn,
+                        previews=None) -> dict[str, Path]:
+        """After decoding: what is left of the preview images (all of them, unless `previews` was fed during
+        the decode) on a thread while the MP4 finishes; time what is left of each."""
+        from .video import PreviewWriter
 
         errors: list[BaseException] = []
 
-        def previews() -> None:
+        def finish_previews() -> None:
             try:
-                if "thumbnail" in variants:
-                    write_thumbnail(frames, paths["thumbnail"])
-                if "spritesheet" in variants:
-                    write_spritesheet(frames, paths["spritesheet"])
+                writer = previews
+                if writer is None:
+                    writer = PreviewWriter(len(frames),
+                                           paths["thumbnail"] if "thumbnail" in variants else None,
+                                           paths["spritesheet"] if "spritesheet" in variants else None)
+                    writer.add(frames, 0)
+                writer.finish()
             except BaseException as exc:
                 errors.append(exc)
 
         report(spec.ProgressEvent("encode_video", 0.0))
         started = time.perf_counter()
-        side = threading.Thread(target=previews, name="previews", daemon=True)
+        wanted = any(v in variants for v in ("thumbnail", "spritesheet"))
+        side = threading.Thread(target=finish_previews if wanted else (lambda: None), name="previews", daemon=True)
         side.start()
         written: dict[str, Path] = {}
         try:

@@ -144,11 +144,9 @@ def _fit(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def write_thumbnail(frames: np.ndarray, path: PathLike, max_side: int = 512, quality: int = 85) -> Path:
-    """WebP of the middle frame (more representative than frame 0, which I2V copies from its input)."""
-    frames = _check_frames(frames)
-    _fit(Image.fromarray(frames[len(frames) // 2]), max_side).save(path, format="WEBP", quality=quality)
-    return Path(path)
+THUMBNAIL_MAX_SIDE = 512
+SPRITESHEET_COLUMNS, SPRITESHEET_MAX_TILES, SPRITESHEET_TILE_MAX_SIDE = 4, 16, 256
+PREVIEW_QUALITY = 85
 
 
 def spritesheet_indices(num_frames: int, max_tiles: int) -> list[int]:
@@ -157,27 +155,108 @@ def spritesheet_indices(num_frames: int, max_tiles: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num_frames - 1, count).round()})
 
 
+class PreviewWriter:
+    """The thumbnail and the spritesheet of a video of `num_frames` frames, made from frames as they arrive.
+
+    `add(chunk, start)` takes frames start, start+1, ... of the video: the thumbnail (a WebP of the middle
+    frame, more representative than frame 0, which I2V copies from its input) is written as soon as that
+    frame comes, and the spritesheet's frames (evenly spaced, first and last included) are downscaled as
+    they come; `finish()` lays the tiles out in a JPEG grid (row-major) and writes it. A streamed decode
+    thus does the preview work while the GPU is still busy, leaving only the grid's JPEG for the end.
+    A path left None skips that preview.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        thumbnail: Optional[PathLike] = None,
+        spritesheet: Optional[PathLike] = None,
+        *,
+        thumbnail_max_side: int = THUMBNAIL_MAX_SIDE,
+        columns: int = SPRITESHEET_COLUMNS,
+        max_tiles: int = SPRITESHEET_MAX_TILES,
+        tile_max_side: int = SPRITESHEET_TILE_MAX_SIDE,
+        quality: int = PREVIEW_QUALITY,
+    ) -> None:
+        if num_frames < 1:
+            raise ValueError(f"a preview needs at least one frame; got {num_frames}")
+        self.num_frames = num_frames
+        self.thumbnail = None if thumbnail is None else Path(thumbnail)
+        self.spritesheet = None if spritesheet is None else Path(spritesheet)
+        self.thumbnail_max_side, self.tile_max_side = thumbnail_max_side, tile_max_side
+        self.columns, self.quality = columns, quality
+        self._thumbnail_index = num_frames // 2
+        self._tile_indices = spritesheet_indices(num_frames, max_tiles) if spritesheet is not None else []
+        self._tiles: dict[int, Image.Image] = {}
+        self._thumbnail_done = thumbnail is None
+
+    def add(self, frames: np.ndarray, start: int) -> None:
+        """Frames [n,H,W,3] (uint8) that are frames start .. start+n-1 of the video."""
+        frames = _check_frames(frames)
+        stop = start + len(frames)
+        if start < 0 or stop > self.num_frames:
+            raise ValueError(f"frames {start}..{stop - 1} are outside a video of {self.num_frames} frames")
+        if not self._thumbnail_done and start <= self._thumbnail_index < stop:
+            image = _fit(Image.fromarray(frames[self._thumbnail_index - start]), self.thumbnail_max_side)
+            image.save(self.thumbnail, format="WEBP", quality=self.quality)
+            self._thumbnail_done = True
+        for index in self._tile_indices:
+            if start <= index < stop:
+                self._tiles[index] = _fit(Image.fromarray(frames[index - start]), self.tile_max_side)
+
+    def discard(self) -> None:
+        """Remove what was already written (the generation failed or was cancelled)."""
+        for path in (self.thumbnail, self.spritesheet):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def finish(self) -> dict[str, Path]:
+        """Write the spritesheet; {"thumbnail": path, "spritesheet": path} of what was asked for."""
+        missing = [i for i in self._tile_indices if i not in self._tiles]
+        if not self._thumbnail_done or missing:
+            raise ValueError(f"preview frames never arrived (thumbnail frame {self._thumbnail_index} "
+                             f"{'written' if self._thumbnail_done else 'missing'}, spritesheet frames missing: "
+                             f"{missing})")
+        written: dict[str, Path] = {}
+        if self.thumbnail is not None:
+            written["thumbnail"] = self.thumbnail
+        if self.spritesheet is not None:
+            tiles = [self._tiles[i] for i in self._tile_indices]
+            columns = min(self.columns, len(tiles))
+            rows = -(-len(tiles) // columns)
+            tw, th = tiles[0].size
+            sheet = Image.new("RGB", (columns * tw, rows * th))
+            for n, tile in enumerate(tiles):
+                sheet.paste(tile, ((n % columns) * tw, (n // columns) * th))
+            sheet.save(self.spritesheet, format="JPEG", quality=self.quality)
+            written["spritesheet"] = self.spritesheet
+        return written
+
+
+def write_thumbnail(frames: np.ndarray, path: PathLike, max_side: int = THUMBNAIL_MAX_SIDE,
+                    quality: int = PREVIEW_QUALITY) -> Path:
+    """WebP of the middle frame (`PreviewWriter` over the whole array)."""
+    frames = _check_frames(frames)
+    previews = PreviewWriter(len(frames), thumbnail=path, thumbnail_max_side=max_side, quality=quality)
+    previews.add(frames, 0)
+    return previews.finish()["thumbnail"]
+
+
 def write_spritesheet(
     frames: np.ndarray,
     path: PathLike,
-    columns: int = 4,
-    max_tiles: int = 16,
-    tile_max_side: int = 256,
-    quality: int = 85,
+    columns: int = SPRITESHEET_COLUMNS,
+    max_tiles: int = SPRITESHEET_MAX_TILES,
+    tile_max_side: int = SPRITESHEET_TILE_MAX_SIDE,
+    quality: int = PREVIEW_QUALITY,
 ) -> Path:
     """JPEG grid (row-major) of evenly spaced frames, each downscaled to at most tile_max_side: a
     scrubbing preview. With 81 frames and the defaults: 16 tiles in 4 rows of 4."""
     frames = _check_frames(frames)
-    indices = spritesheet_indices(len(frames), max_tiles)
-    tiles = [_fit(Image.fromarray(frames[i]), tile_max_side) for i in indices]
-    columns = min(columns, len(tiles))
-    rows = -(-len(tiles) // columns)
-    tw, th = tiles[0].size
-    sheet = Image.new("RGB", (columns * tw, rows * th))
-    for n, tile in enumerate(tiles):
-        sheet.paste(tile, ((n % columns) * tw, (n // columns) * th))
-    sheet.save(path, format="JPEG", quality=quality)
-    return Path(path)
+    previews = PreviewWriter(len(frames), spritesheet=path, columns=columns, max_tiles=max_tiles,
+                             tile_max_side=tile_max_side, quality=quality)
+    previews.add(frames, 0)
+    return previews.finish()["spritesheet"]
 
 
 def write_outputs(frames: np.ndarray, out_dir: PathLike, stem: str = "video", fps: int = FPS) -> dict[str, Path]:
