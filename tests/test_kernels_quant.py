@@ -77,6 +77,46 @@ def test_every_fp8_row_quantizer_config_matches_the_reference(monkeypatch):
         assert (q.float() == ref_gq.float()).float().mean() > 0.99, config
 
 
+def gelu_awkward_rows(cols: int) -> torch.Tensor:
+    """Rows whose GELU amax comes from the negative side (GELU's minimum, about -0.17 at -0.75), from values
+    near that minimum on one side only, from the positive side, or from nothing (all zero)."""
+    gen = torch.Generator().manual_seed(7)
+    rows = [
+        torch.rand(cols, generator=gen) * -3.0,  # all negative, both sides of the minimum
+        torch.rand(cols, generator=gen) * -0.5,  # all in (-0.5, 0]: above the minimum only
+        -1.0 - torch.rand(cols, generator=gen) * 4.0,  # all below the minimum only
+        torch.randn(cols, generator=gen) * 0.1 - 0.7517915,  # around the minimum
+        torch.rand(cols, generator=gen) * 0.2 - 1.0,  # negatives plus ...
+        torch.randn(cols, generator=gen) * 3,  # ordinary rows
+        torch.zeros(cols),
+    ]
+    rows[4][cols // 2] = 0.15  # ... one small positive value whose GELU is below the negative side's peak
+    return torch.stack(rows)
+
+
+@on_cpu
+def test_gelu_amax_from_extremes_equals_the_amax_of_gelu(monkeypatch):
+    """The chunked quantizers take GELU's row amax from three extremes of the raw values instead of GELU of
+    every value: the same scales as quantizing GELU(x), for every config and for both quantizers."""
+    from turbodiffusion_core.quant import rowcol_kernels as rk
+    from turbodiffusion_core.quant.rowcol_int8 import quantize_int8_rowwise
+
+    x = gelu_awkward_rows(2100)
+    gelu = F.gelu(x, approximate="tanh")
+    ref_q, ref_scale = quantize_fp8_rowwise(gelu)
+    ref_iq, ref_iscale = quantize_int8_rowwise(gelu)
+    for config in qk.FP8_ROWQUANT_CONFIGS:
+        monkeypatch.setattr(qk._fp8_rowquant_kernel, "config", config)
+        q, scale = qk.quantize_rows_fp8(x, act="gelu_tanh")
+        assert torch.allclose(scale.view(-1), ref_scale, rtol=1e-6, atol=0), config
+        assert (q.float() == ref_q.float()).float().mean() > 0.99, config
+    for config in rk.ROWQUANT_CONFIGS:
+        monkeypatch.setattr(rk._int8_rowquant_kernel, "config", config)
+        q, scale = rk.quantize_rows_int8(x, act="gelu_tanh")
+        assert torch.allclose(scale.view(-1), ref_iscale.view(-1), rtol=1e-6, atol=0), config
+        assert (q == ref_iq).float().mean() > 0.99, config
+
+
 @on_cpu
 def test_fp8_quantizer_with_fused_gelu():
     x = activations(16, 96, dtype=torch.float32)

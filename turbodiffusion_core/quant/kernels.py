@@ -26,7 +26,8 @@ INT8 tile (TurboDiffusion `-quant` checkpoints: int8 weight + float32 scale per 
 
 The constants 448 (e4m3 max) and 128 (int8 tile divisor) are those of quant/fp8.py and
 quant/tile_int8.py, written out because Triton kernels cannot read Python globals. e4m3 rounding is
-spelled out in float32 (`kernels.jit_math.round_to_e4m3`) before the then exact cast.
+the hardware's conversion on sm89+ GPUs and spelled out in float32 (`kernels.jit_math.round_to_e4m3`)
+before the then exact cast under Triton's interpreter (the same rounding: to nearest, ties to even).
 """
 
 from __future__ import annotations
@@ -59,9 +60,43 @@ def _load_row_chunk(x_row, cols, mask, GELU: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_chunk(x, scale):
-    """x / scale clamped to the e4m3 range and rounded to e4m3 (as float32, so the cast is exact)."""
-    return round_to_e4m3(tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0))
+def _e4m3_chunk(x, scale, NATIVE: tl.constexpr):
+    """x / scale clamped to the e4m3 range and rounded to e4m3, to be stored as float8_e4m3fn. NATIVE
+    (sm89+ GPUs) leaves the rounding to the hardware conversion (round to nearest even, one instruction per
+    two values); otherwise it is spelled out in float32 (`round_to_e4m3`) and the cast is exact."""
+    x = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    if NATIVE:
+        return x
+    return round_to_e4m3(x)
+
+
+GELU_ARGMIN = -0.7517915
+"""Where GELU(tanh) has its minimum (about -0.17): it falls before and rises after, and is positive and
+rising above 0."""
+
+
+@triton.jit
+def _gelu_extremes_init(ROWS: tl.constexpr):
+    """Start values of (max x, smallest x at or above GELU_ARGMIN, largest x at or below it), chosen so
+    that their GELU adds nothing to the amax: 0, 0 and -1e4 (GELU(-1e4) is -0)."""
+    return (tl.zeros([ROWS], tl.float32), tl.zeros([ROWS], tl.float32), tl.full([ROWS], -1.0e4, tl.float32))
+
+
+@triton.jit
+def _gelu_extremes(x, hi, above, below):
+    """Fold a [ROWS, BLOCK_K] chunk of raw (pre-GELU) values into the three per-row extremes."""
+    hi = tl.maximum(hi, tl.max(x, axis=1))
+    above = tl.minimum(above, tl.min(tl.where(x >= -0.7517915, x, 0.0), axis=1))
+    below = tl.maximum(below, tl.max(tl.where(x <= -0.7517915, x, -1.0e4), axis=1))
+    return hi, above, below
+
+
+@triton.jit
+def _gelu_amax(hi, above, below):
+    """max |GELU(x)| over a row from its extremes: GELU rises above its minimum, so the largest value is
+    GELU(max x), and |GELU| of the negative values peaks at the minimum, so their largest is at the values
+    nearest it from either side. Three GELUs per row instead of one per element in the amax pass."""
+    return tl.maximum(tl.abs(gelu_tanh(hi)), tl.maximum(tl.abs(gelu_tanh(above)), tl.abs(gelu_tanh(below))))
 
 
 FP8_ROWQUANT_CONFIGS = [
@@ -78,10 +113,12 @@ FP8_ROWQUANT_CONFIGS = [
 @triton.jit
 def _fp8_rowquant_kernel(
     x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_q, amax_floor,
-    GELU: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    GELU: tl.constexpr, NATIVE: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Grid cdiv(M, ROWS): ROWS rows per program -> e4m3 rows and float32 scales amax/448. Rows up to
-    BLOCK_K wide are read once; wider ones in BLOCK_K chunks twice (amax, then quantize; mostly from L2)."""
+    BLOCK_K wide are read once; wider ones in BLOCK_K chunks twice (amax, then quantize; mostly from L2).
+    With GELU the chunked amax pass keeps three extremes of the raw values instead of computing GELU
+    (`_gelu_amax`), so GELU runs once per element there too."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -92,18 +129,35 @@ def _fp8_rowquant_kernel(
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
         x = _load_row_chunk(x_row, cols, mask, GELU)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor) / 448.0
-        tl.store(q_row + cols[None, :], _e4m3_chunk(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + cols[None, :], _e4m3_chunk(x, scale, NATIVE).to(q_ptr.dtype.element_ty), mask=mask)
     else:
-        amax = tl.full([ROWS], amax_floor, tl.float32)
-        for start in range(0, n_cols, BLOCK_K):
-            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(_load_row_chunk(x_row + start, cols, mask, GELU)), axis=1))
+        if GELU:
+            hi, above, below = _gelu_extremes_init(ROWS)
+            for start in range(0, n_cols, BLOCK_K):
+                mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+                raw = _load_row_chunk(x_row + start, cols, mask, False)
+                hi, above, below = _gelu_extremes(raw, hi, above, below)
+            amax = tl.maximum(_gelu_amax(hi, above, below), amax_floor)
+        else:
+            amax = tl.full([ROWS], amax_floor, tl.float32)
+            for start in range(0, n_cols, BLOCK_K):
+                mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+                amax = tl.maximum(amax, tl.max(tl.abs(_load_row_chunk(x_row + start, cols, mask, False)), axis=1))
         scale = amax / 448.0
         for start in range(0, n_cols, BLOCK_K):
             mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
             x = _load_row_chunk(x_row + start, cols, mask, GELU)
-            tl.store(q_row + start + cols[None, :], _e4m3_chunk(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + start + cols[None, :], _e4m3_chunk(x, scale, NATIVE).to(q_ptr.dtype.element_ty),
+                     mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+def native_e4m3(device: torch.device) -> bool:
+    """Whether e4m3 rounding can be left to the hardware conversion: sm89+ GPUs, not Triton's interpreter
+    (whose float -> fp8 casts round some values wrongly)."""
+    from turbodiffusion_core.kernels.triton_support import interpreting
+
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @triton.jit
@@ -245,8 +299,8 @@ def _check_activation(act: Optional[str]) -> bool:
 def quantize_rows_fp8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]) with act(x) ~= q * scale, M = x.numel() / K.
 
-    The autotuner picks per K between holding whole rows (one read; GELU computed once) and chunks
-    (two reads, the second mostly from L2).
+    The autotuner picks per K between holding whole rows (one read) and chunks (two reads, the second
+    mostly from L2); either way GELU is computed once per element.
     """
     gelu = _check_activation(act)
     flat = _flat_rows(x)
@@ -254,7 +308,8 @@ def quantize_rows_fp8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
-    _fp8_rowquant_kernel[grid](flat, q, scale, rows, cols, flat.stride(0), q.stride(0), FP8_AMAX_FLOOR, GELU=gelu)
+    _fp8_rowquant_kernel[grid](flat, q, scale, rows, cols, flat.stride(0), q.stride(0), FP8_AMAX_FLOOR, GELU=gelu,
+                               NATIVE=native_e4m3(x.device))
     return q, scale
 
 

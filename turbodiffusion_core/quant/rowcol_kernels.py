@@ -4,7 +4,9 @@
 row (amax/127, floor 1e-8), x*127/amax rounded half-to-even and clamped to [-127, 127], with GELU(tanh)
 optionally applied first (the FFN down projection quantizes the up projection's output without a
 separate GELU pass). Rows up to BLOCK_K wide are read once; wider rows are read twice in BLOCK_K chunks
-(amax, then quantize; the second read mostly hits L2). The autotuner picks the chunking per K.
+(amax, then quantize; the second read mostly hits L2), GELU computed in the second pass only (the amax
+of GELU comes from three extremes of the raw values, `quant.kernels._gelu_amax`). The autotuner picks
+the chunking per K.
 
 `int8_rowcol_matmul` is `rowcol_int8.w8a8_rowcol_reference` after the quantization: one int32 `tl.dot`
 chain over the whole K (the tensor cores accumulate, nothing is converted inside the loop), then the
@@ -29,8 +31,9 @@ import triton.language as tl
 
 from turbodiffusion_core.kernels.jit_math import rint
 from turbodiffusion_core.kernels.triton_support import autotune
-from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _grouped_tile, _load_k_step,
-                                                _load_row_chunk, _store_tile)
+from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _gelu_amax, _gelu_extremes,
+                                                _gelu_extremes_init, _grouped_tile, _load_k_step, _load_row_chunk,
+                                                _store_tile)
 from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR, MAX_K
 
 
@@ -66,12 +69,19 @@ def _int8_rowquant_kernel(
         x = _load_row_chunk(x_row, cols, mask, GELU)
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
         tl.store(q_row + cols[None, :], _quantize_chunk(x, tl.math.div_rn(qmax, amax)), mask=mask)
-    else:  # amax over the chunks, then quantize them (second read from L2)
-        amax = tl.full([ROWS], amax_floor, tl.float32)
-        for start in range(0, n_cols, BLOCK_K):
-            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
-            x = _load_row_chunk(x_row + start, cols, mask, GELU)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    else:  # amax over the chunks (GELU's from three extremes of the raw values), then quantize them (from L2)
+        if GELU:
+            hi, above, below = _gelu_extremes_init(ROWS)
+            for start in range(0, n_cols, BLOCK_K):
+                mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+                hi, above, below = _gelu_extremes(_load_row_chunk(x_row + start, cols, mask, False), hi, above, below)
+            amax = tl.maximum(_gelu_amax(hi, above, below), amax_floor)
+        else:
+            amax = tl.full([ROWS], amax_floor, tl.float32)
+            for start in range(0, n_cols, BLOCK_K):
+                mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+                x = _load_row_chunk(x_row + start, cols, mask, False)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         inv = tl.math.div_rn(qmax, amax)
         for start in range(0, n_cols, BLOCK_K):
             mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
