@@ -13,6 +13,8 @@ from turbodiffusion_core.pipeline import VideoPipeline, choose_text_encoder, loa
 from turbodiffusion_core.residency import choose_mode, units_of
 from turbodiffusion_core.video import read_video_frames
 
+from tests.conftest import assert_same_video
+
 GIB = 2**30
 
 
@@ -170,6 +172,26 @@ def test_prefix_frames_make_an_extension(i2v, tmp_path):
         i2v.generate(req, image=image, prefix_frames=prefix[:, :64])
 
 
+def test_mp4_helper_process_and_thread_write_the_same_video(t2v, tmp_path):
+    """The default writes the MP4 on a helper process; TD_MP4_ENCODER=thread on a thread of the worker: the
+    same frames, the same video, previews included."""
+    assert t2v.mp4_encoder == "process" and t2v.info()["mp4_encoder"] == "process"
+    by_process = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "p")
+    assert t2v._encoder_process is not None and t2v._encoder_process.alive
+    t2v.mp4_encoder = "thread"
+    try:
+        by_thread = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "t")
+    finally:
+        t2v.mp4_encoder = "process"
+    assert np.array_equal(by_process.frames, by_thread.frames)
+    assert_same_video(read_video_frames(by_process.files["video"]), read_video_frames(by_thread.files["video"]))
+    assert set(by_process.files) == set(by_thread.files) == {"video", "thumbnail", "spritesheet"}
+    assert by_process.files["thumbnail"].read_bytes() == by_thread.files["thumbnail"].read_bytes()
+    with pytest.raises(ValueError, match="mp4_encoder must be one of process, thread"):
+        VideoPipeline(t2v.preset, text_encoder=t2v.text_encoder, vae=t2v.vae, experts=t2v.experts,
+                      device=t2v.device, dtype=t2v.dtype, mp4_encoder="gpu")
+
+
 def test_cancel_during_decode_leaves_no_partial_files(t2v, tmp_path):
     def cancel_in_decode(event):
         if event.stage == "vae_decode" and event.fraction > 0:
@@ -259,9 +281,12 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert EngineOptions.from_env({"TD_WARMUP": "0"}).should_warm_up("cuda") is False
     with pytest.raises(ValueError, match="TD_EXPERT_RESIDENCY"):
         EngineOptions.from_env({"TD_EXPERT_RESIDENCY": "sometimes"})
-    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False}
-    decode = EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": " 3 ", "TD_CUDNN_BENCHMARK": "on"}).decode_args
-    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True}
+    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False, "mp4_encoder": "process"}
+    decode = EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": " 3 ", "TD_CUDNN_BENCHMARK": "on",
+                                     "TD_MP4_ENCODER": "Thread"}).decode_args
+    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True, "mp4_encoder": "thread"}
+    with pytest.raises(ValueError, match="TD_MP4_ENCODER"):
+        EngineOptions.from_env({"TD_MP4_ENCODER": "gpu"})
     for bad in ("0", "two", "-1"):
         with pytest.raises(ValueError, match="TD_VAE_CHUNK_FRAMES"):
             EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": bad})
@@ -273,6 +298,7 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert residency.get("tiny-i2v").vae.decode_chunk_frames == 3  # the option reaches the loaded VAE
     info = residency.describe()["tiny-i2v"]
     assert info["expert_residency"] == "swap" and info["warmup_seconds"] > 0
+    assert info["mp4_encoder"] == "process"
     assert info["expert_residency_detail"]["switches"] == 2  # the warm-up ran both experts
 
 

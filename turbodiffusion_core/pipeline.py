@@ -58,6 +58,9 @@ ProgressFn = Callable[[spec.ProgressEvent], None]
 CancelFn = Callable[[], bool]
 
 TEXT_ENCODER_PLACEMENTS = ("auto", "gpu", "gpu-fp8", "cpu")
+MP4_ENCODERS = ("process", "thread")
+"""Where a video's streaming H.264 encode runs: a helper process (mp4_encoder.py; no GIL shared with the
+Python that drives the GPU) or a thread of the worker."""
 WARMUP_PROMPT = "warm-up: a calm lake at sunrise, gentle ripples, birds flying over the water"
 _GIB = 2**30
 # Working memory (activations, VAE decode) to keep free when deciding what else fits on the GPU, by the
@@ -338,7 +341,10 @@ class VideoPipeline:
         reserve_gb: Optional[float] = None,
         compile_dit: Union[bool, str] = False,
         text_encoder_reason: str = "as given",
+        mp4_encoder: str = "process",
     ):
+        if mp4_encoder not in MP4_ENCODERS:
+            raise ValueError(f"mp4_encoder must be one of {', '.join(MP4_ENCODERS)}; got {mp4_encoder!r}")
         self.preset = spec.get_preset(preset) if isinstance(preset, str) else preset
         self.text_encoder = text_encoder
         self.vae = vae
@@ -355,6 +361,8 @@ class VideoPipeline:
         self.reserve_bytes = reserve_bytes_for(self.preset, reserve_gb)
         self.set_expert_residency(expert_residency, reason=residency_reason)
         self.compile_dit = compile_dit
+        self.mp4_encoder = mp4_encoder
+        self._encoder_process = None  # mp4_encoder.EncoderProcess, started by the first video (or warm-up)
         self._forward = dict(experts)
         if compile_dit:
             self._compile(compile_dit)
@@ -381,6 +389,7 @@ class VideoPipeline:
         reserve_gb: Optional[float] = None,
         vae_chunk_frames: int = 1,
         cudnn_benchmark: bool = False,
+        mp4_encoder: str = "process",
     ) -> "VideoPipeline":
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
@@ -429,7 +438,8 @@ class VideoPipeline:
                 experts[name] = plan.load_dit(roles[name], dev if mode == "resident" else torch.device("cpu"))
         pipe = cls(preset, text_encoder=encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
                    attention=attention, quant=quant, expert_residency=mode, residency_reason=reason,
-                   reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason)
+                   reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason,
+                   mp4_encoder=mp4_encoder)
         pipe.quant_reason = plan.quant_reason
         pipe.load_seconds = time.perf_counter() - start
         log.info("%s ready in %.1f s", preset.id, pipe.load_seconds)
@@ -494,6 +504,7 @@ class VideoPipeline:
             "text_encoder": self.text_encoder_placement,
             "text_encoder_reason": self.text_encoder_reason,
             "compile": str(self.compile_dit) if self.compile_dit else "off",
+            "mp4_encoder": self.mp4_encoder,
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
         }
         if len(self.experts) > 1:
@@ -605,7 +616,7 @@ class VideoPipeline:
             paths["video"].parent.mkdir(parents=True, exist_ok=True)
             if "video" in variants:
                 # opened now so that an extension's prefix encodes while the model runs
-                mp4 = _Mp4Thread(paths["video"], req.width, req.height)
+                mp4 = self._open_mp4(paths["video"], req.width, req.height)
                 if prefix_frames is not None:
                     mp4.put(prefix_frames)
             if prefix_frames is None and any(v in variants for v in ("thumbnail", "spritesheet")):
@@ -675,6 +686,25 @@ class VideoPipeline:
             info["expert_residency"] = {k: round(after[k] - stats_before[k], 3) for k in after}
         return GenerationResult(frames=frames, seed=seed, timings=timer.timings, width=req.width,
                                 height=req.height, num_frames=len(frames), info=info, files=files)
+
+    def _open_mp4(self, path: Path, width: int, height: int):
+        """The streaming MP4 writer of one video: on the helper process (`mp4_encoder="process"`, see
+        mp4_encoder.py) or on a thread of this process."""
+        if self.mp4_encoder == "thread":
+            return _Mp4Thread(path, width, height)
+        if self._encoder_process is None:
+            import weakref
+
+            from .mp4_encoder import EncoderProcess
+
+            self._encoder_process = EncoderProcess()
+            weakref.finalize(self, self._encoder_process.close)
+        return self._encoder_process.stream(path, width, height)
+
+    def close(self) -> None:
+        """Stop the MP4 helper process, if one runs (it also stops with this process)."""
+        if self._encoder_process is not None:
+            self._encoder_process.close()
 
     def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread],
                 skip_first: bool = False, previews=None) -> np.ndarray:
@@ -887,9 +917,11 @@ def load_pipeline(
     reserve_gb: Optional[float] = None,
     vae_chunk_frames: int = 1,
     cudnn_benchmark: bool = False,
+    mp4_encoder: str = "process",
 ) -> VideoPipeline:
     """Build the resident pipeline of one preset (see module docstring)."""
     return VideoPipeline.from_preset(model_id, models_dir=models_dir, device=device, attention=attention,
                                      quant=quant, dtype=dtype, expert_residency=expert_residency,
                                      text_encoder=text_encoder, compile_dit=compile_dit, reserve_gb=reserve_gb,
-                                     vae_chunk_frames=vae_chunk_frames, cudnn_benchmark=cudnn_benchmark)
+                                     vae_chunk_frames=vae_chunk_frames, cudnn_benchmark=cudnn_benchmark,
+                                     mp4_encoder=mp4_encoder)

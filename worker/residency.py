@@ -47,6 +47,8 @@ class EngineOptions:
       code; the same video for any value, faster and more memory for larger ones).
     - TD_CUDNN_BENCHMARK: 1 | 0. cuDNN's per-shape algorithm search for the VAE's convolutions (default off;
       the warm-up pays for the search).
+    - TD_MP4_ENCODER: process | thread. Where the streaming H.264 encode runs: a helper process (default; no
+      GIL shared with the Python that drives the GPU) or a thread of the worker.
     """
 
     expert_residency: str = "auto"
@@ -56,6 +58,7 @@ class EngineOptions:
     reserve_gb: Optional[float] = None
     vae_chunk_frames: str = "1"
     cudnn_benchmark: str = "0"
+    mp4_encoder: str = "process"
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "EngineOptions":
@@ -69,6 +72,7 @@ class EngineOptions:
             reserve_gb=float(reserve) if reserve else None,
             vae_chunk_frames=env.get("TD_VAE_CHUNK_FRAMES", "1").strip() or "1",
             cudnn_benchmark=env.get("TD_CUDNN_BENCHMARK", "0").strip().lower() or "0",
+            mp4_encoder=env.get("TD_MP4_ENCODER", "process").strip().lower() or "process",
         )
         options.check()
         return options
@@ -86,6 +90,8 @@ class EngineOptions:
                             f"got {self.vae_chunk_frames!r}")
         if self.cudnn_benchmark not in (*_ON, *_OFF):
             problems.append(f"TD_CUDNN_BENCHMARK must be 1 or 0; got {self.cudnn_benchmark!r}")
+        if self.mp4_encoder not in ("process", "thread"):
+            problems.append(f"TD_MP4_ENCODER must be process or thread; got {self.mp4_encoder!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -101,8 +107,9 @@ class EngineOptions:
 
     @property
     def decode_args(self) -> dict[str, Any]:
-        """The pipeline's VAE decode arguments: vae_chunk_frames and cudnn_benchmark."""
-        return {"vae_chunk_frames": int(self.vae_chunk_frames), "cudnn_benchmark": self.cudnn_benchmark in _ON}
+        """The pipeline's decode and output arguments: vae_chunk_frames, cudnn_benchmark and mp4_encoder."""
+        return {"vae_chunk_frames": int(self.vae_chunk_frames), "cudnn_benchmark": self.cudnn_benchmark in _ON,
+                "mp4_encoder": self.mp4_encoder}
 
     def should_warm_up(self, device_type: str) -> bool:
         if self.warmup == "auto":
