@@ -1,14 +1,17 @@
 """How long the MP4 still takes after the last decoded frames arrive (the request's `encode_video` stage), per
-libx264 option set, on this machine's CPUs.
+libx264 option set and encoder placement, on this machine's CPUs.
 
 The pipeline streams decoded chunks (1 frame, then 4 at a time) to an encoder thread while the VAE goes on;
 when the decode ends, the encoder still holds the frames its frame threads and lookahead keep back, and
 `finish()` has to encode them all. This feeds synthetic 480p frames (moving gradients over fixed texture, so
-the encoder has real work) at the VAE's pace and times that tail, the thread's total busy time and the file
-size, for each `x264-params` string. CPU only; run it on the GPU machine to get that machine's CPUs.
+the encoder has real work) at the VAE's pace and times that tail, the encoder's total busy time and the file
+size, for each `x264-params` string, with the encoder on a thread of this process or on the helper process
+(`--encoders`), and the main thread idle between chunks or running Python (`--main busy`: what the loop that
+drives the GPU does, which holds the GIL). CPU only; run it on the GPU machine to get that machine's CPUs.
 
     python bench/mp4_tail.py --out bench/results/mp4_tail.json
     python bench/mp4_tail.py --pace-ms 40 --params "" "threads=8" "sliced-threads=1"
+    python bench/mp4_tail.py --params "" --encoders thread,process --main idle,busy
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from turbodiffusion_core.mp4_encoder import EncoderProcess  # noqa: E402
 from turbodiffusion_core.pipeline import _Mp4Thread  # noqa: E402
 
 DEFAULT_PARAMS = ["", "rc-lookahead=4:sync-lookahead=0", "threads=8", "threads=8:rc-lookahead=4:sync-lookahead=0",
@@ -45,15 +50,24 @@ def synthetic_frames(frames: int, height: int, width: int) -> np.ndarray:
     return out
 
 
-def one_run(frames: np.ndarray, params: str, pace_s: float, folder: Path) -> dict:
+def one_run(frames: np.ndarray, params: str, pace_s: float, folder: Path, helper: Optional[EncoderProcess] = None,
+            busy: bool = False) -> dict:
     path = folder / "tail.mp4"
-    mp4 = _Mp4Thread(path, frames.shape[2], frames.shape[1], x264_params=params or None)
+    height, width = frames.shape[1:3]
+    if helper is None:
+        mp4 = _Mp4Thread(path, width, height, x264_params=params or None)
+    else:
+        mp4 = helper.stream(path, width, height, x264_params=params or None)
     chunks = [frames[:1]] + [frames[i:i + 4] for i in range(1, len(frames), 4)]
     start = time.perf_counter()
     for chunk in chunks:  # a decoder that hands over a chunk every pace_s
         due = time.perf_counter() + pace_s
         mp4.put(chunk)
-        time.sleep(max(0.0, due - time.perf_counter()))
+        if busy:  # Python work holding the GIL, as a GPU-driving loop does
+            while time.perf_counter() < due:
+                sum(range(200))
+        else:
+            time.sleep(max(0.0, due - time.perf_counter()))
     last = time.perf_counter()
     mp4.finish()
     end = time.perf_counter()
@@ -69,19 +83,33 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x480", help="WIDTHxHEIGHT")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--encoders", default="thread", help="comma-separated: thread, process")
+    ap.add_argument("--main", default="idle", help="comma-separated: idle, busy (the main thread between chunks)")
     args = ap.parse_args()
 
     width, height = (int(v) for v in args.size.split("x"))
     frames = synthetic_frames(args.frames, height, width)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for params in args.params:
-            runs = [one_run(frames, params, args.pace_ms / 1000, Path(tmp)) for _ in range(args.repeat)]
-            row = {"x264_params": params, "bytes": runs[-1]["bytes"]}
-            for key in ("tail_s", "total_s", "busy_s"):
-                row[key] = round(statistics.median(r[key] for r in runs), 4)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    helper = EncoderProcess() if "process" in args.encoders.split(",") else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for encoder in args.encoders.split(","):
+                if encoder not in ("thread", "process"):
+                    ap.error(f"unknown encoder {encoder!r}")
+                for main_thread in args.main.split(","):
+                    for params in args.params:
+                        runs = [one_run(frames, params, args.pace_ms / 1000, Path(tmp),
+                                        helper if encoder == "process" else None, busy=main_thread == "busy")
+                                for _ in range(args.repeat)]
+                        row = {"encoder": encoder, "main_thread": main_thread, "x264_params": params,
+                               "bytes": runs[-1]["bytes"]}
+                        for key in ("tail_s", "total_s", "busy_s"):
+                            row[key] = round(statistics.median(r[key] for r in runs), 4)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    finally:
+        if helper is not None:
+            helper.close()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {"what": "MP4 encode tail after the last decoded chunk, per x264-params", "cpus": os.cpu_count(),

@@ -43,10 +43,12 @@ def test_gpu_only_scripts_explain_themselves_and_refuse_a_cpu(tmp_path):
 def test_mp4_tail_script(tmp_path):
     out = tmp_path / "tail.json"
     proc = subprocess.run([sys.executable, "bench/mp4_tail.py", "--frames", "9", "--size", "96x64", "--repeat", "1",
-                           "--pace-ms", "5", "--params", "", "threads=2", "--out", str(out)],
+                           "--pace-ms", "5", "--params", "", "threads=2", "--encoders", "thread,process",
+                           "--main", "busy", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [r["x264_params"] for r in report["rows"]] == ["", "threads=2"]
+    assert [(r["encoder"], r["main_thread"], r["x264_params"]) for r in report["rows"]] == [
+        ("thread", "busy", ""), ("thread", "busy", "threads=2"), ("process", "busy", ""), ("process", "busy", "threads=2")]
     for row in report["rows"]:
         assert row["bytes"] > 0 and 0 <= row["tail_s"] <= row["total_s"] and row["busy_s"] > 0
