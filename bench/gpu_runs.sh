@@ -16,14 +16,17 @@
 #   e2e14b   bench_e2e.py --only t2v_14b,i2v_a14b: 14B T2V 720p and the I2V A14B experts      (~7 min)
 #   sp       bench_sp.py --counts 1,N for the GPUs present: 14B 720p sequence parallel          (~6 min)
 #   profile  profile_gpu.py: kernel tables of one 1.3B forward (sla+fp8, and sagesla+fp8 when
-#            spas_sage_attn imports) and one VAE decode; the decode at 1 and 3 latent frames a pass, cudnn.benchmark off / on (~3 min)
+#            spas_sage_attn imports) and one VAE decode; the decode at 1 and 3 latent frames a pass, cudnn.benchmark
+#            off / on, and with the concatenating tap-split convs (~3 min)
 #   gemm     sweep_int8_gemm.py: the int8 GEMM's tiles vs bf16 / _int_mm / fp8 at the FFN shapes (~3 min)
+#   mp4      request -> MP4 with the encoder on a thread, then on the helper process (TD_MP4_ENCODER), twice
+#            each (bench_e2e.py --only build,warmup,e2e_t5_gpu), and mp4_tail.py on this machine's CPUs (~4 min)
 #
 # Python packages the GPU image lacks (diffusers, av, ftfy, pydantic, ...) are installed from .whl/ when
 # that folder was carried (see README, "Benchmarks").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,26p' "$0"; exit 2; }
 OUT_DIR=${OUT:-/tmp/gpu_runs}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -88,6 +91,17 @@ run_step() {
   gemm)
     step gemm python3 bench/sweep_int8_gemm.py --shapes ffn_up,ffn_down --budget-s 150 \
       --out "$OUT_DIR/int8_gemm_sweep_h100.json"
+    ;;
+  mp4)
+    local encoder round
+    for round in 1 2; do
+      for encoder in thread process; do
+        TD_MP4_ENCODER=$encoder step mp4 python3 bench/bench_e2e.py --no-i2v --attention sla \
+          --only build,warmup,e2e_t5_gpu --requests 3 --budget-s 80 --out "$OUT_DIR/e2e_mp4_${encoder}_${round}_h100.json"
+      done
+    done
+    step mp4 python3 bench/mp4_tail.py --params "" --encoders thread,process --main idle,busy \
+      --out "$OUT_DIR/mp4_tail_h100.json"
     ;;
   *)
     echo "unknown step $1 (see the top of $0)" >&2

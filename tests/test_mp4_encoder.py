@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -97,3 +98,14 @@ def test_a_helper_that_dies_fails_its_video_clearly_and_restarts(helper, frames,
     stream_chunks(fresh, frames)
     fresh.finish()
     assert read_video_frames(tmp_path / "fresh.mp4").shape == frames.shape
+
+
+def test_a_helper_that_cannot_start_is_a_clear_engine_error(monkeypatch, tmp_path):
+    encoder = EncoderProcess()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(EngineError, match="could not start the MP4 encoder process.*TD_MP4_ENCODER=thread"):
+        encoder.stream(tmp_path / "v.mp4", W, H)
+    monkeypatch.undo()
+    stream = encoder.stream(tmp_path / "v.mp4", W, H)  # nothing stuck: the next video starts it
+    stream.abort()
+    encoder.close()

@@ -96,15 +96,19 @@ class EncoderProcess:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._proc = subprocess.Popen([sys.executable, "-m", "turbodiffusion_core.mp4_encoder"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, bufsize=0)
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", "turbodiffusion_core.mp4_encoder"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
+        except OSError as exc:
+            raise EngineError(f"could not start the MP4 encoder process ({sys.executable}: {exc}); "
+                              "TD_MP4_ENCODER=thread encodes in the worker itself") from exc
         log.info("MP4 encoder process started (pid %d)", self._proc.pid)
 
     def stream(self, path: Path, width: int, height: int, x264_params: Optional[str] = None) -> "Mp4Stream":
         with self._lock:
             if self._busy_stream:
                 raise EngineError("the MP4 encoder process is already writing a video")
-            self.start()
+            self.start()  # raises EngineError when it cannot
             self._busy_stream = True
         try:
             _send(self._proc.stdin, {"op": "open", "path": str(path), "width": width, "height": height,
