@@ -706,9 +706,9 @@ class VideoPipeline:
         if self._encoder_process is not None:
             self._encoder_process.close()
 
-    def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4: Optional[_Mp4Thread],
+    def _decode(self, latent: torch.Tensor, report: ProgressFn, mp4,
                 skip_first: bool = False, previews=None) -> np.ndarray:
-        """Decode chunk by chunk (`WanVAE.decode_iter`) into uint8 frames, handing each chunk to the MP4 thread
+        """Decode chunk by chunk (`WanVAE.decode_iter`) into uint8 frames, handing each chunk to the MP4 writer
         (without the very first frame when `skip_first`: an extension's repeat of the frame it continues)
         and to `previews` (a `video.PreviewWriter`). On a GPU each chunk's uint8 copy to pinned host memory,
         and the CPU work on the chunk before it, run while the next chunk decodes."""
@@ -758,7 +758,7 @@ class VideoPipeline:
         return frames
 
     def _finish_outputs(self, frames: np.ndarray, paths: dict[str, Path], variants: Sequence[str],
-                        mp4: Optional[_Mp4Thread], timer: _Timer, report: ProgressFn,
+                        mp4, timer: _Timer, report: ProgressFn,
                         previews=None) -> dict[str, Path]:
         """After decoding: what is left of the preview images (all of them, unless `previews` was fed during
         the decode) on a thread while the MP4 finishes; time what is left of each."""
