@@ -228,6 +228,16 @@ class _Mp4Thread:
         self.path.unlink(missing_ok=True)
 
 
+def _preview_writer(num_frames: int, paths: dict[str, Path], variants: Sequence[str]):
+    """A `video.PreviewWriter` for the thumbnail and spritesheet among `variants`, or None if neither is wanted."""
+    if not any(v in variants for v in ("thumbnail", "spritesheet")):
+        return None
+    from .video import PreviewWriter
+
+    return PreviewWriter(num_frames, paths["thumbnail"] if "thumbnail" in variants else None,
+                         paths["spritesheet"] if "spritesheet" in variants else None)
+
+
 def _uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     """[B,3,t,H,W] in [-1,1] -> uint8 [t,H,W,3] of the first sample, on the chunk's device (the same
     arithmetic as video.frames_to_uint8)."""
@@ -619,14 +629,10 @@ class VideoPipeline:
                 mp4 = self._open_mp4(paths["video"], req.width, req.height)
                 if prefix_frames is not None:
                     mp4.put(prefix_frames)
-            if prefix_frames is None and any(v in variants for v in ("thumbnail", "spritesheet")):
+            if prefix_frames is None:
                 # built from the frames as they are decoded (an extension's video starts with the prefix:
                 # its previews are made at the end from the whole video)
-                from .video import PreviewWriter
-
-                previews = PreviewWriter(req.num_frames,
-                                         paths["thumbnail"] if "thumbnail" in variants else None,
-                                         paths["spritesheet"] if "spritesheet" in variants else None)
+                previews = _preview_writer(req.num_frames, paths, variants)
         try:
             with torch.inference_mode():
                 report(spec.ProgressEvent("text_encode", 0.0))
@@ -762,26 +768,23 @@ class VideoPipeline:
                         previews=None) -> dict[str, Path]:
         """After decoding: what is left of the preview images (all of them, unless `previews` was fed during
         the decode) on a thread while the MP4 finishes; time what is left of each."""
-        from .video import PreviewWriter
-
         errors: list[BaseException] = []
+        writer, whole_video = previews, False
+        if writer is None:
+            writer, whole_video = _preview_writer(len(frames), paths, variants), True
 
         def finish_previews() -> None:
             try:
-                writer = previews
-                if writer is None:
-                    writer = PreviewWriter(len(frames),
-                                           paths["thumbnail"] if "thumbnail" in variants else None,
-                                           paths["spritesheet"] if "spritesheet" in variants else None)
-                    writer.add(frames, 0)
-                writer.finish()
+                if writer is not None:
+                    if whole_video:
+                        writer.add(frames, 0)
+                    writer.finish()
             except BaseException as exc:
                 errors.append(exc)
 
         report(spec.ProgressEvent("encode_video", 0.0))
         started = time.perf_counter()
-        wanted = any(v in variants for v in ("thumbnail", "spritesheet"))
-        side = threading.Thread(target=finish_previews if wanted else (lambda: None), name="previews", daemon=True)
+        side = threading.Thread(target=finish_previews, name="previews", daemon=True)
         side.start()
         written: dict[str, Path] = {}
         try:

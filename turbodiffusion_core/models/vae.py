@@ -220,14 +220,12 @@ class CausalConv3d(nn.Conv3d):
     def _conv_by_taps(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The same conv as a sum over its temporal taps of 2D convs over frames. With batch 1 a
         channels-last [1,C,T,H,W] tensor is a channels-last [T,C,H,W] batch of frames: no copies of
-        the activations. Each tap's weight is made channels-last too (a few hundred KB), else the
-        convolution would fall back to NCHW and convert the whole input."""
+        the activations. Each tap's weight is channels-last too (`_tap_weights`)."""
         frames = x[0].permute(1, 0, 2, 3)
-        taps = self.kernel_size[0]
-        n = frames.shape[0] - taps + 1
+        weights = self._tap_weights()
+        n = frames.shape[0] - len(weights) + 1
         out = None
-        for k in range(taps):
-            weight = self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
+        for k, weight in enumerate(weights):
             y = F.conv2d(frames[k:k + n], weight, bias if k == 0 else None, padding=self.padding[1:])
             out = y if out is None else out.add_(y)
         return _frames_to_clip(out)
