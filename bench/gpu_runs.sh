@@ -16,8 +16,8 @@
 #   e2e14b   bench_e2e.py --only t2v_14b,i2v_a14b: 14B T2V 720p and the I2V A14B experts      (~7 min)
 #   sp       bench_sp.py --counts 1,N for the GPUs present: 14B 720p sequence parallel          (~6 min)
 #   profile  profile_gpu.py: kernel tables of one 1.3B forward (sla+fp8, and sagesla+fp8 when
-#            spas_sage_attn imports) and one VAE decode; the decode at 1 and 3 latent frames a pass, cudnn.benchmark
-#            off / on, and with the concatenating tap-split convs (~3 min)
+#            spas_sage_attn imports) and one VAE decode; the decode with each tap mode (stacked, in_place,
+#            concat), stacked up to 192 and 384 channels, and at 3 latent frames a pass (~3 min)
 #   gemm     sweep_int8_gemm.py: the int8 GEMM's tiles vs bf16 / _int_mm / fp8 at the FFN shapes (~3 min)
 #   mp4      request -> MP4 with the encoder on a thread, then on the helper process (TD_MP4_ENCODER), twice
 #            each (bench_e2e.py --only build,warmup,e2e_t5_gpu), and mp4_tail.py on this machine's CPUs (~4 min)
@@ -86,7 +86,7 @@ run_step() {
   profile)
     local dit="sla+fp8"
     python3 -c "import spas_sage_attn" 2>/dev/null && dit="$dit,sagesla+fp8"
-    step profile python3 bench/profile_gpu.py --dit "$dit" --vae-chunks 1,3 --out "$OUT_DIR/profile_h100.json"
+    step profile python3 bench/profile_gpu.py --dit "$dit" --vae-variants stacked:96:1,in_place:96:1,concat:96:1,stacked:192:1,stacked:384:1,stacked:96:3 --out "$OUT_DIR/profile_h100.json"
     ;;
   gemm)
     step gemm python3 bench/sweep_int8_gemm.py --shapes ffn_up,ffn_down --budget-s 150 \

@@ -1,16 +1,17 @@
 """Where the GPU time of one DiT forward and of one VAE decode goes: kernel tables from torch.profiler, plus
-the VAE decode timed at several latent frames per decoder pass. For finding what to speed up next, so
-it records what ran (kernel names, counts, milliseconds) rather than a headline number.
+the VAE decode timed in several variants (tap mode, tap-split width, latent frames per pass). For finding
+what to speed up next, so it records what ran (kernel names, counts, milliseconds) rather than a headline number.
 
     python bench/profile_gpu.py --out bench/results/profile_h100.json
-    python bench/profile_gpu.py --dit sla+fp8,sagesla+fp8 --vae-chunks 1,2,3,5 --top 40
+    python bench/profile_gpu.py --dit sla+fp8,sagesla+fp8 --vae-variants stacked:96:1,stacked:96:3 --top 40
 
 DiT: the 1.3B model at 480p (81 frames, 32,760 tokens), random weights (bench/random_models.py), one
 config per `attention+quant` name as in bench_dit.py; each is timed (median of --repeat forwards) and one
-forward is profiled. VAE: the Wan2.1 VAE in bf16, channels-last, 480p 81 frames; each chunk size is timed
-(median of --repeat decodes, peak memory) with cuDNN's algorithm search (`cudnn.benchmark`) off, then on, the
-first size once more with the concatenating tap-split convs (`CausalConv3d.taps_in_place = False`), and the
-decode at the first size is profiled.
+forward is profiled. VAE: the Wan2.1 VAE in bf16, channels-last, 480p 81 frames; each --vae-variants item is
+timed (median of --repeat decodes, peak memory, relative difference from the first item's video): the tap mode
+(`CausalConv3d.tap_mode`: stacked, in_place, concat), the widest causal conv run as 2D convs over taps
+(`tap_split_max_channels`), latent frames per decoder pass, optionally cuDNN's algorithm search; the first
+item's decode is profiled.
 Needs a CUDA GPU.
 """
 
@@ -89,7 +90,21 @@ def profile_dit(configs: list[str], warmup: int, repeat: int, top: int) -> list[
     return results
 
 
-def profile_vae(chunks: list[int], warmup: int, repeat: int, top: int) -> list[dict]:
+def parse_vae_variants(text: str) -> list[tuple[str, int, int, bool]]:
+    """"mode:max_channels:frames_per_chunk[:bench]" items, comma-separated (see --vae-variants)."""
+    from turbodiffusion_core.models.vae import TAP_MODES
+
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        if len(fields) not in (3, 4) or fields[0] not in TAP_MODES or (len(fields) == 4 and fields[3] != "bench"):
+            raise SystemExit(f"--vae-variants: bad item {item!r} (mode:max_channels:frames_per_chunk[:bench], "
+                             f"mode one of {', '.join(TAP_MODES)})")
+        variants.append((fields[0], int(fields[1]), int(fields[2]), len(fields) == 4))
+    return variants
+
+
+def profile_vae(variants: list[tuple[str, int, int, bool]], warmup: int, repeat: int, top: int) -> list[dict]:
     from turbodiffusion_core.models.vae import CausalConv3d
 
     vae = random_vae("wan2.1", "cuda", seed=2).to(torch.bfloat16).use_channels_last()
@@ -97,13 +112,13 @@ def profile_vae(chunks: list[int], warmup: int, repeat: int, top: int) -> list[d
     latent = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=g)
     results = []
     reference = None
-    # cuDNN's algorithm search off, then on; the first size again with the concatenating tap-split convs
-    runs = [(n, bench, True) for bench in (False, True) for n in chunks] + [(chunks[0], False, False)]
-    for i, (n, cudnn_benchmark, in_place) in enumerate(runs):
+    defaults = CausalConv3d.tap_mode, CausalConv3d.tap_split_max_channels
+    for i, (mode, max_channels, n, cudnn_benchmark) in enumerate(variants):
         torch.backends.cudnn.benchmark = cudnn_benchmark
-        CausalConv3d.taps_in_place = in_place
+        CausalConv3d.tap_mode, CausalConv3d.tap_split_max_channels = mode, max_channels
         vae.decode_chunk_frames = n
-        row: dict = {"frames_per_chunk": n, "cudnn_benchmark": cudnn_benchmark, "taps_in_place": in_place}
+        row: dict = {"tap_mode": mode, "tap_split_max_channels": max_channels, "frames_per_chunk": n,
+                     "cudnn_benchmark": cudnn_benchmark}
         try:
             with torch.inference_mode():
                 fwd = lambda: vae.decode(latent)  # noqa: E731
@@ -123,7 +138,7 @@ def profile_vae(chunks: list[int], warmup: int, repeat: int, top: int) -> list[d
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         results.append(row)
     torch.backends.cudnn.benchmark = False
-    CausalConv3d.taps_in_place = True
+    CausalConv3d.tap_mode, CausalConv3d.tap_split_max_channels = defaults
     return results
 
 
@@ -131,11 +146,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.json")
     ap.add_argument("--dit", default="sla+fp8", help="comma-separated attention+quant configs ('' for none)")
-    ap.add_argument("--vae-chunks", default="1,2,3,5", help="latent frames per decoder pass to time ('' for none)")
+    ap.add_argument("--vae-variants", default="stacked:96:1,in_place:96:1,concat:96:1,stacked:192:1,stacked:384:1,"
+                    "stacked:96:3",
+                    help="VAE decodes to time, mode:max_channels:frames_per_chunk[:bench] each (tap mode, the widest "
+                         "conv run as 2D convs over taps, latent frames per decoder pass, ':bench' for cuDNN's "
+                         "algorithm search); the first is profiled and the others' outputs compared with it "
+                         "('' for none)")
     ap.add_argument("--top", type=int, default=40, help="kernels kept per profile")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    variants = parse_vae_variants(args.vae_variants)
     if not torch.cuda.is_available():
         print("profile_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -147,9 +168,8 @@ def main() -> int:
     configs = [c for c in args.dit.split(",") if c]
     if configs:
         record["dit_1.3b_480p"] = profile_dit(configs, args.warmup, args.repeat, args.top)
-    chunks = [int(c) for c in args.vae_chunks.split(",") if c]
-    if chunks:
-        record["vae_480p_81f"] = profile_vae(chunks, 1, max(3, args.repeat - 2), args.top)
+    if variants:
+        record["vae_480p_81f"] = profile_vae(variants, 1, max(3, args.repeat - 2), args.top)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

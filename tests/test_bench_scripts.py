@@ -38,6 +38,9 @@ def test_gpu_only_scripts_explain_themselves_and_refuse_a_cpu(tmp_path):
         proc = subprocess.run([sys.executable, script, "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and not out.exists()
+    bad = subprocess.run([sys.executable, "bench/profile_gpu.py", "--vae-variants", "stacked:96:1,sideways:96:1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "bad item 'sideways:96:1'" in bad.stderr
 
 
 def test_mp4_tail_script(tmp_path):

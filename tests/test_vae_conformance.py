@@ -276,11 +276,11 @@ def test_cuda_channels_last_fused_path_matches_reference(dtype):
     from turbodiffusion_core.models.vae import CausalConv3d
 
     fast.decode_chunk_frames = 1
-    CausalConv3d.taps_in_place = False  # the concatenating tap-split convs give the same video
-    try:
-        concatenated = fast.decode(latent)
-    finally:
-        CausalConv3d.taps_in_place = True
-    # bf16: the two sum the taps in another order, each partial sum rounded to bf16 (1.1e-2 apart at 480p 81f)
-    assert rel_err(concatenated.float(), out.float()) < (1e-5 if dtype == torch.float32 else tol)
-
+    for mode in ("in_place", "concat"):  # the per-tap versions give the same video
+        CausalConv3d.tap_mode = mode
+        try:
+            other = fast.decode(latent)
+        finally:
+            CausalConv3d.tap_mode = "stacked"
+        # bf16: they sum the taps in another order, each partial sum rounded to bf16 (1.1e-2 apart at 480p 81f)
+        assert rel_err(other.float(), out.float()) < (1e-5 if dtype == torch.float32 else tol), mode

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointMismatch
+from ..kernels.triton_support import kernels_usable
 
 try:  # fused CUDA kernels for the channels-last path; CPU-only installs use plain PyTorch ops
     import triton
@@ -42,11 +43,19 @@ CACHE_T = 2
 """Frames of history each causal 3x3x3 convolution needs (its temporal padding)."""
 
 TAP_SPLIT_MAX_CHANNELS = 96
-"""Causal 3x3x3 convs with at most this many input channels run as three 2D convs on the fused path:
-cuDNN (9.19, H100, bf16, channels-last) picks a slow kernel for the 96-channel full-resolution convs
-of the last decoder stage: 3.7 ms as a 3D conv vs 2.6 ms as three 2D convs for 6->4 frames of
-480x832, while at 192 and 384 channels the 3D conv is as fast or faster. Whole 480p 81-frame decode:
-972 -> 857 ms (measured on an H100, torch 2.11, 2026-11-25)."""
+"""Causal 3x3x3 convs with at most this many input channels run as 2D convs over frames on the fused path
+(`CausalConv3d.tap_split_max_channels` is the live setting; bench/profile_gpu.py times others): cuDNN (9.19,
+H100, bf16, channels-last) picks a slow kernel for the 96-channel full-resolution convs of the last decoder
+stage: 3.7 ms as a 3D conv vs 2.6 ms as three 2D convs for 6->4 frames of 480x832, while at 192 and 384
+channels the 3D conv is as fast or faster. Whole 480p 81-frame decode: 972 -> 857 ms (measured on an H100,
+torch 2.11, 2026-11-25)."""
+
+TAP_MODES = ("stacked", "in_place", "concat")
+"""How a tap-split conv runs (`CausalConv3d.tap_mode`). stacked: the norm/SiLU kernel in front of the conv
+writes each frame into a [frames, H, W, taps*C] buffer where row j holds the frames output j reads, and one
+2D conv over taps*C channels does all taps (fp32 accumulation, no per-tap outputs to add); convs not fed by
+that kernel run in_place. in_place: one 2D conv per tap reading the cached history and the chunk where they
+lie, partial outputs added. concat: [history, chunk] concatenated first, then one 2D conv per tap."""
 
 DECODE_CHUNK_FRAMES = 1
 """Latent frames per decoder pass after the first (`WanVAE.decode_iter`); the official code decodes one."""
@@ -140,10 +149,10 @@ class CausalConv3d(nn.Conv3d):
     padding is the cached history of the previous chunk, topped up with zeros at the start of a clip.
     """
 
-    taps_in_place = True
-    """On the fused GPU path, tap-split convs (`TAP_SPLIT_MAX_CHANNELS`) read the cached history and the chunk
-    where they lie instead of concatenating them first; False runs the concatenating version (kept for
-    comparison in bench/profile_gpu.py)."""
+    tap_mode = "stacked"
+    """One of TAP_MODES; class-wide, switched by bench/profile_gpu.py and the GPU tests to compare them."""
+
+    tap_split_max_channels = TAP_SPLIT_MAX_CHANNELS
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0) -> None:
         kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -162,7 +171,7 @@ class CausalConv3d(nn.Conv3d):
         if history is not None:
             history = history[:, :, -self.time_pad:]
         missing = self.time_pad - (0 if history is None else history.shape[2])
-        if self.taps_in_place and self._split_taps(x):
+        if self.tap_mode != "concat" and self._split_taps(x):
             return self._conv_by_taps_in_place(x, history, missing, bias)
         parts = [x] if history is None else [history, x]
         if missing > 0:
@@ -176,9 +185,38 @@ class CausalConv3d(nn.Conv3d):
             return _conv3d_on_cpu(self, x, bias)
         return self._conv_forward(x, self.weight, bias)
 
+    def forward_normed(self, norm: "RMSNorm", x: torch.Tensor, cache: Optional[CausalCache],
+                       in_bias: Optional[torch.Tensor] = None, add_bias: bool = True) -> torch.Tensor:
+        """self(silu(norm(x + in_bias)), cache). In tap_mode "stacked", on the fused path, the normalised
+        input is written straight into the stacked-taps layout the conv reads (`_conv_stacked`) and never
+        exists on its own."""
+        if self.tap_mode == "stacked" and self.time_pad > 0 and cache is not None and x.shape[0] == 1 and _fusable(x):
+            bias = self.bias if add_bias else None
+            if self._split_taps(x):
+                return self._conv_stacked(norm, x, cache, in_bias, bias)
+            return self._conv_padded(norm, x, cache, in_bias, bias)
+        return self(_norm_silu(norm, x, in_bias), cache, add_bias=add_bias)
+
+    def _conv_padded(self, norm: "RMSNorm", x: torch.Tensor, cache: CausalCache, in_bias: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """forward_normed as one Conv3d: the kernel writes silu(norm(x + in_bias)) behind the history frames of
+        one [1, C, p + n, H, W] buffer (p = time_pad), so the chunk is not copied again to concatenate it."""
+        _, c, n, h, w = x.shape
+        p = self.time_pad
+        padded = torch.empty(1, c, p + n, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+        history = cache.tails.get(self)
+        have = 0 if history is None else min(p, history.shape[2])
+        if have:
+            padded[:, :, p - have:p].copy_(history[:, :, -have:])
+        if have < p:
+            padded[:, :, :p - have].zero_()
+        _norm_silu(norm, x, in_bias, out=padded[:, :, p:])
+        cache.tails[self] = padded[:, :, -CACHE_T:].clone()
+        return self._conv_forward(padded, self.weight, bias)
+
     def _split_taps(self, x: torch.Tensor) -> bool:
         return (
-            self.in_channels <= TAP_SPLIT_MAX_CHANNELS and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
+            self.in_channels <= self.tap_split_max_channels and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
         )
 
     def _tap_weights(self) -> list[torch.Tensor]:
@@ -191,6 +229,44 @@ class CausalConv3d(nn.Conv3d):
                     for k in range(self.kernel_size[0])]
             self._taps_cache = cached = (key, taps)
         return cached[1]
+
+    def _stacked_weight(self) -> torch.Tensor:
+        """The weight as one 2D conv's over stacked taps: [O, taps*C, kh, kw], channel block k = tap k,
+        channels-last; made once per weight tensor."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        cached = getattr(self, "_stacked_cache", None)
+        if cached is None or cached[0] != key:
+            o, c, taps, kh, kw = self.weight.shape
+            stacked = self.weight.permute(0, 2, 1, 3, 4).reshape(o, taps * c, kh, kw)
+            self._stacked_cache = cached = (key, stacked.contiguous(memory_format=torch.channels_last))
+        return cached[1]
+
+    def _conv_stacked(self, norm: "RMSNorm", x: torch.Tensor, cache: CausalCache, in_bias: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """conv(silu(norm(x + in_bias))) as ONE 2D conv over the chunk's frames with the taps stacked on channels.
+
+        The padded stream is S = [p history frames (zeros before the clip starts), chunk] (p = time_pad) and
+        output frame j reads S[j .. j+p]. Buffer B[j] = [S[j], S[j+1], ..., S[j+p]] along channels (channels-
+        last [n, H, W, (p+1)*C]): `_norm_silu_into_taps` writes chunk frame t (= S[t+p]) to its up-to p+1
+        places, the history part comes from the previous chunk's B, whose last row's top p blocks are exactly
+        the last p frames of S: that slice is the cache's tail (one clone of p frames, as in the other
+        modes)."""
+        _, c, n, h, w = x.shape
+        p = self.time_pad
+        key = (self, "stacked")
+        if self in cache.tails:
+            raise RuntimeError("a causal conv switched between the stacked and the per-tap path within one clip")
+        history = cache.tails.get(key)
+        stacked = torch.empty(n, h, w, (p + 1) * c, dtype=x.dtype, device=x.device)
+        for j in range(min(n, p)):  # B[j, block k] = S[j + k] = history frame j + k for j + k < p
+            if history is None:
+                stacked[j, :, :, :(p - j) * c].zero_()
+            else:
+                stacked[j, :, :, :(p - j) * c].copy_(history[:, :, j * c:])
+        _norm_silu_into_taps(norm, x, stacked, in_bias)
+        cache.tails[key] = stacked[n - 1, :, :, c:].clone()
+        out = F.conv2d(stacked.permute(0, 3, 1, 2), self._stacked_weight(), bias, padding=self.padding[1:])
+        return _frames_to_clip(out)
 
     def _conv_by_taps_in_place(self, x: torch.Tensor, history: Optional[torch.Tensor], missing: int,
                                bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -235,6 +311,8 @@ def _frames_to_clip(out: torch.Tensor) -> torch.Tensor:
     """A channels-last [n,O,H,W] batch of frames as the [1,O,n,H,W] clip it is, with the batch stride a
     channels-last tensor would have (a size-1 dim's stride is free, but PyTorch's layout inference, e.g. in
     torch.cat, reads it)."""
+    if not out.is_contiguous(memory_format=torch.channels_last):  # the layout the strides below assume
+        out = out.contiguous(memory_format=torch.channels_last)
     o, n, h, w = out.shape[1], out.shape[0], out.shape[2], out.shape[3]
     return out.permute(1, 0, 2, 3).unsqueeze(0).as_strided((1, o, n, h, w), (n * h * w * o, 1, h * w * o, w * o, o))
 
@@ -285,19 +363,40 @@ class RMSNorm(nn.Module):
 if triton is not None:
 
     @triton.jit
-    def _norm_silu_kernel(x_ptr, out_ptr, gain_ptr, bias_ptr, rows, C,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = tl.arange(0, BLOCK_C)
+    def _norm_silu_rows(x_ptr, gain_ptr, bias_ptr, r, c, rows, C, HAS_BIAS: tl.constexpr):
+        """silu(rmsnorm(x + bias)) of rows r (whole channel rows c), in fp32; with the rows' mask."""
         mask = (r[:, None] < rows) & (c[None, :] < C)
-        offs = r[:, None].to(tl.int64) * C + c[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize's eps
         y = x * inv[:, None] * tl.load(gain_ptr + c, mask=c < C, other=0.0)[None, :]
-        y = y * tl.sigmoid(y)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        return y * tl.sigmoid(y), mask
+
+    @triton.jit
+    def _norm_silu_kernel(x_ptr, out_ptr, gain_ptr, bias_ptr, rows, C,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_C)
+        y, mask = _norm_silu_rows(x_ptr, gain_ptr, bias_ptr, r, c, rows, C, HAS_BIAS)
+        tl.store(out_ptr + r[:, None].to(tl.int64) * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_silu_taps_kernel(x_ptr, out_ptr, gain_ptr, bias_ptr, rows, C, HW, n,
+                               TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        """Row r = (frame t, position q) of the chunk is stream frame t + TAPS - 1; it is block k of output
+        frame j = t + TAPS - 1 - k of the stacked buffer [n, HW, TAPS*C], for every such j < n."""
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_C)
+        y, mask = _norm_silu_rows(x_ptr, gain_ptr, bias_ptr, r, c, rows, C, HAS_BIAS)
+        y = y.to(out_ptr.dtype.element_ty)
+        t = r // HW
+        q = r - t * HW
+        for k in tl.static_range(TAPS):
+            j = t + (TAPS - 1 - k)
+            offs = (j.to(tl.int64) * HW + q)[:, None] * (TAPS * C) + k * C + c[None, :]
+            tl.store(out_ptr + offs, y, mask=mask & (j < n)[:, None])
 
     @triton.jit
     def _add_bias_residual_kernel(y_ptr, h_ptr, bias_ptr, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -312,8 +411,9 @@ if triton is not None:
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:
-    return triton is not None and all(
-        t.is_cuda and t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) for t in tensors
+    """CUDA tensors in channels-last 3D (CPU tensors under Triton's interpreter, for the kernel tests)."""
+    return triton is not None and kernels_usable(*tensors) and all(
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) for t in tensors
     )
 
 
@@ -325,19 +425,35 @@ def _launch_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
     return x.numel() // c, c, block_m, block_c
 
 
-def _norm_silu(norm: RMSNorm, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu(norm(x + bias)) with bias per channel (the preceding conv's, when it left it out)."""
+def _norm_silu(norm: RMSNorm, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(norm(x + bias)) with bias per channel (the preceding conv's, when it left it out). `out` (fused
+    path only): a view of x's shape and layout, whose rows follow one another in memory, to write into."""
     if not _fusable(x):
         if bias is not None:
             x = x + bias.view(-1, 1, 1, 1)
         return F.silu(norm(x), inplace=True)
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     rows, c, block_m, block_c = _launch_shape(x)
     _norm_silu_kernel[(triton.cdiv(rows, block_m),)](
         x, out, norm.gain(), x if bias is None else bias, rows, c,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8 if block_c >= 256 else 4,
     )
     return out
+
+
+def _norm_silu_into_taps(norm: RMSNorm, x: torch.Tensor, stacked: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None) -> None:
+    """silu(norm(x + bias)) of the chunk x [1, C, n, H, W] (channels-last) written into the stacked-taps
+    buffer [n, H, W, taps*C] (`CausalConv3d._conv_stacked`); the history blocks are left as they are."""
+    _, c, n, h, w = x.shape
+    rows, _, block_m, block_c = _launch_shape(x)
+    _norm_silu_taps_kernel[(triton.cdiv(rows, block_m),)](
+        x, stacked, norm.gain(), x if bias is None else bias, rows, c, h * w, n,
+        TAPS=stacked.shape[-1] // c, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=8 if block_c >= 256 else 4,
+    )
 
 
 def _add_residual(y: torch.Tensor, h: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -377,8 +493,8 @@ class ResidualBlock(nn.Module):
         h = self.shortcut(x)
         # On the fused path each conv's bias is added by the kernel that reads its output.
         fused = _fusable(x)
-        y = conv1(_norm_silu(norm1, x), cache, add_bias=not fused)
-        y = conv2(_norm_silu(norm2, y, conv1.bias if fused else None), cache, add_bias=not fused)
+        y = conv1.forward_normed(norm1, x, cache, add_bias=not fused)
+        y = conv2.forward_normed(norm2, y, cache, conv1.bias if fused else None, add_bias=not fused)
         return _add_residual(y, h, conv2.bias if fused else None)
 
 
@@ -477,7 +593,7 @@ def _head(in_dim: int, out_dim: int) -> nn.Sequential:
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     norm, _, conv = head
-    return conv(_norm_silu(norm, x), cache)
+    return conv.forward_normed(norm, x, cache)
 
 
 class Encoder(nn.Module):
