@@ -2,8 +2,9 @@
 
     python bench/bench_dit.py --out bench/results/dit_h100.json [--with-14b] [--configs original,sla,sla+fp8]
 
-A config is attention[+quant]: attention original / sla / sagesla, quant fp8 / int8 / int8-tile / int8-rowcol
-(the last two choose the int8 GPU kernel, TD_INT8_KERNEL).
+A config is attention[+quant][+graph]: attention original / sla / sagesla, quant fp8 / int8 / int8-tile /
+int8-rowcol (the last two choose the int8 GPU kernel, TD_INT8_KERNEL); +graph replays the forward from a CUDA
+graph (turbodiffusion_core/cuda_graphs.py; captured in the warm-up).
 
 Random weights (none can be downloaded), the same weights in both implementations, one 81-frame video
 latent at 480p (32,760 tokens; 720p: 75,600), batch 1, bf16, medians of CUDA-event timings after warm-up.
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.diffusers_twin import diffusers_twin  # noqa: E402
 from bench.random_models import random_dit  # noqa: E402
+from turbodiffusion_core.cuda_graphs import GraphedForward  # noqa: E402
 from turbodiffusion_core.models.configs import DIT_CONFIGS  # noqa: E402
 
 LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
@@ -91,8 +93,9 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
 
     current_quant = None
     for config in configs:
-        attention, _, quant = config.partition("+")
-        quant = quant or None
+        parts = config.split("+")
+        graphed = "graph" in parts  # "+graph": the forward replayed from a CUDA graph (cuda_graphs.py)
+        attention, quant = parts[0], "+".join(p for p in parts[1:] if p != "graph") or None
         variant = quant  # int8-rowcol / int8-tile also pick the int8 GPU kernel (TD_INT8_KERNEL)
         if quant and quant.startswith("int8-"):
             quant = "int8"
@@ -109,12 +112,17 @@ def bench_arch(arch: str, res: str, configs: list[str], warmup: int, repeat: int
                     quantize_model_linears(model, quant)
                 current_quant = variant
             with torch.inference_mode():
-                fwd = lambda: model(x, t, context, y=y, attention=attention, sla_topk=0.1)  # noqa: E731
+                call = GraphedForward(model) if graphed else model
+                fwd = lambda: call(x, t, context, y=y, attention=attention, sla_topk=0.1)  # noqa: E731
                 torch.cuda.reset_peak_memory_stats()
                 out = fwd()
                 times = time_cuda(fwd, warmup, repeat)
             row.update(ms_median=statistics.median(times), ms_all=times,
                        peak_gb=torch.cuda.max_memory_allocated() / 2**30)
+            if graphed:
+                row["graph_stats"] = call.stats()
+                if call.failed:
+                    row["graph_failed"] = next(iter(call.failed.values()))[:300]
             if reference is not None:
                 row["rel_err_vs_diffusers"] = rel_err(out, reference)
         except Exception as e:  # record and go on: one broken path must not hide the others

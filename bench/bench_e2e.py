@@ -153,8 +153,9 @@ from bench.random_models import random_dit, random_vae  # noqa: E402
 from worker.residency import EngineOptions  # noqa: E402
 
 WORKER_OPTIONS = EngineOptions.from_env()
-"""The worker's TD_* options; the decode and output ones (TD_VAE_CHUNK_FRAMES, TD_CUDNN_BENCHMARK, TD_MP4_ENCODER)
-apply here too."""
+"""The worker's TD_* options; the decode, output and forward ones (TD_VAE_CHUNK_FRAMES, TD_CUDNN_BENCHMARK,
+TD_MP4_ENCODER, TD_CUDA_GRAPHS) apply here too."""
+PIPE_OPTIONS = {k: v for k, v in WORKER_OPTIONS.decode_args.items() if k in ("mp4_encoder", "cuda_graphs")}
 
 
 def diffusers_vae_like(vae, dtype: torch.dtype):
@@ -389,7 +390,7 @@ class Bench:
         pipe = VideoPipeline.from_modules(
             c["t2v_preset"], text_encoder=text_encoder_from(self.state.pop("t5"), self.workdir),
             vae=self.run_vae(), experts={"dit": dit}, device=torch.device(c["device"]), dtype=c["dtype"],
-            attention=c["attention"], quant=c["quant"], mp4_encoder=WORKER_OPTIONS.mp4_encoder)
+            attention=c["attention"], quant=c["quant"], **PIPE_OPTIONS)
         self.state["pipe"] = pipe
         reset_peak()
         start = time.perf_counter()
@@ -534,7 +535,7 @@ class Bench:
         pipe = VideoPipeline.from_modules(
             c["t2v14_preset"], text_encoder=text_encoder_from(t5, self.workdir), vae=vae, experts={"dit": dit},
             device=torch.device(c["device"]), dtype=c["dtype"], attention=c["attention"], quant=c["quant"],
-            mp4_encoder=WORKER_OPTIONS.mp4_encoder)
+            **PIPE_OPTIONS)
         start = time.perf_counter()
         out["warmup_timings"] = pipe.warmup()
         out["warmup_s"] = round(time.perf_counter() - start, 2)
@@ -583,7 +584,7 @@ class Bench:
         pipe = VideoPipeline.from_modules(
             c["i2v_preset"], text_encoder=text_encoder_from(stand_in, self.workdir), vae=vae, experts=experts,
             device=torch.device(c["device"]), dtype=c["dtype"], attention=c["attention"], quant=c["quant"],
-            expert_residency="resident", mp4_encoder=WORKER_OPTIONS.mp4_encoder)
+            expert_residency="resident", **PIPE_OPTIONS)
         rng = np.random.default_rng(0)
         image = Image.fromarray((rng.random((c["i2v_image"][1], c["i2v_image"][0], 3)) * 255).astype(np.uint8))
         req = spec.resolve(spec.GenerationRequest(prompt=PROMPTS[2], model=c["i2v_preset"], num_frames=c["frames"],
@@ -647,7 +648,7 @@ class Bench:
         compiled = VideoPipeline.from_modules(
             c["t2v_preset"], text_encoder=pipe.text_encoder, vae=pipe.vae, experts=pipe.experts,
             device=pipe.device, dtype=pipe.dtype, attention=pipe.attention, quant=pipe.quant, compile_dit=True,
-            mp4_encoder=WORKER_OPTIONS.mp4_encoder)
+            **PIPE_OPTIONS)
         start = time.perf_counter()
         compiled.warmup()
         out = {"compile_warmup_s": round(time.perf_counter() - start, 2)}

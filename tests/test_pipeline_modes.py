@@ -281,10 +281,13 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert EngineOptions.from_env({"TD_WARMUP": "0"}).should_warm_up("cuda") is False
     with pytest.raises(ValueError, match="TD_EXPERT_RESIDENCY"):
         EngineOptions.from_env({"TD_EXPERT_RESIDENCY": "sometimes"})
-    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False, "mp4_encoder": "process"}
+    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False, "mp4_encoder": "process",
+                                   "cuda_graphs": False}
     decode = EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": " 3 ", "TD_CUDNN_BENCHMARK": "on",
-                                     "TD_MP4_ENCODER": "Thread"}).decode_args
-    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True, "mp4_encoder": "thread"}
+                                     "TD_MP4_ENCODER": "Thread", "TD_CUDA_GRAPHS": "1"}).decode_args
+    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True, "mp4_encoder": "thread", "cuda_graphs": True}
+    with pytest.raises(ValueError, match="TD_CUDA_GRAPHS"):
+        EngineOptions.from_env({"TD_CUDA_GRAPHS": "always"})
     with pytest.raises(ValueError, match="TD_MP4_ENCODER"):
         EngineOptions.from_env({"TD_MP4_ENCODER": "gpu"})
     for bad in ("0", "two", "-1"):

@@ -333,6 +333,8 @@ class VideoPipeline:
             from free device memory (residency.choose_mode), keeping `reserve_gb` free for activations.
         compile_dit: False, True (inductor) or a torch.compile backend name; applied to each expert's
             forward when the experts stay resident (swap moves weights under the forward, so not there).
+        cuda_graphs: replay each expert's forward from CUDA graphs (cuda_graphs.GraphedForward) on a GPU,
+            while the experts stay resident; not together with compile_dit.
     """
 
     def __init__(
@@ -352,6 +354,7 @@ class VideoPipeline:
         compile_dit: Union[bool, str] = False,
         text_encoder_reason: str = "as given",
         mp4_encoder: str = "process",
+        cuda_graphs: bool = False,
     ):
         if mp4_encoder not in MP4_ENCODERS:
             raise ValueError(f"mp4_encoder must be one of {', '.join(MP4_ENCODERS)}; got {mp4_encoder!r}")
@@ -376,6 +379,25 @@ class VideoPipeline:
         self._forward = dict(experts)
         if compile_dit:
             self._compile(compile_dit)
+        self._graphed: dict = {}
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        if self.cuda_graphs and self.compile_dit:
+            log.warning("CUDA graphs off: torch.compile is on (use one or the other)")
+            self.cuda_graphs = False
+        if self.cuda_graphs:
+            from .cuda_graphs import GraphedForward
+
+            pool = torch.cuda.graph_pool_handle()
+            self._graphed = {name: GraphedForward(fn, pool=pool, name=name) for name, fn in self._forward.items()}
+            log.info("DiT forward replayed from CUDA graphs (captured on the second call of each input shape)")
+
+    def _dit(self, name: str):
+        """The callable that runs expert `name`'s forward: its CUDA-graph wrapper while the experts stay
+        resident (weights that move would leave a graph reading their old place), else the forward."""
+        graphed = self._graphed.get(name)
+        if graphed is not None and not self.residency.swapping:
+            return graphed
+        return self._forward[name]
 
     @classmethod
     def from_modules(cls, preset: Union[spec.Preset, str], **kwargs) -> "VideoPipeline":
@@ -400,6 +422,7 @@ class VideoPipeline:
         vae_chunk_frames: int = 1,
         cudnn_benchmark: bool = False,
         mp4_encoder: str = "process",
+        cuda_graphs: bool = False,
     ) -> "VideoPipeline":
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
@@ -449,7 +472,7 @@ class VideoPipeline:
         pipe = cls(preset, text_encoder=encoder, vae=vae, experts=experts, device=dev, dtype=dtype,
                    attention=attention, quant=quant, expert_residency=mode, residency_reason=reason,
                    reserve_gb=reserve / _GIB, compile_dit=compile_dit, text_encoder_reason=te_reason,
-                   mp4_encoder=mp4_encoder)
+                   mp4_encoder=mp4_encoder, cuda_graphs=cuda_graphs)
         pipe.quant_reason = plan.quant_reason
         pipe.load_seconds = time.perf_counter() - start
         log.info("%s ready in %.1f s", preset.id, pipe.load_seconds)
@@ -459,6 +482,8 @@ class VideoPipeline:
     def set_expert_residency(self, mode: str, reason: Optional[str] = None) -> str:
         """(Re)place the experts: "resident", "swap" or "auto" (from free device memory). Returns the mode."""
         old = getattr(self, "residency", None)
+        for graphed in getattr(self, "_graphed", {}).values():
+            graphed.reset()  # weights may move: no graph may keep reading where they were
         if old is not None:
             old.settle()
             old.ensure(old.home)
@@ -514,6 +539,7 @@ class VideoPipeline:
             "text_encoder": self.text_encoder_placement,
             "text_encoder_reason": self.text_encoder_reason,
             "compile": str(self.compile_dit) if self.compile_dit else "off",
+            "cuda_graphs": ({name: g.stats() for name, g in self._graphed.items()} if self.cuda_graphs else "off"),
             "mp4_encoder": self.mp4_encoder,
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
         }
@@ -828,7 +854,7 @@ class VideoPipeline:
         def denoise(x, t_input, step_index, t_cur):
             name = plan[step_index]
             expert_trace.append(name)
-            return self._forward[name](x.to(self.dtype), t_input.to(self.dtype), context, y=y, **kwargs)
+            return self._dit(name)(x.to(self.dtype), t_input.to(self.dtype), context, y=y, **kwargs)
 
         try:
             return rcm_sample(
@@ -843,7 +869,7 @@ class VideoPipeline:
         from .sampling.unipc import unipc_sample
 
         kwargs = self._dit_kwargs(req)
-        model = self._forward["dit"]
+        model = self._dit("dit")
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
 
         def velocity_of(ctx):
@@ -862,10 +888,12 @@ class VideoPipeline:
     def warmup_request(self, steps: Optional[int] = None) -> tuple[spec.ResolvedRequest, object]:
         """The request (and I2V image) `warmup` runs: the preset's default size and frame count, so the
         kernels autotune for the shapes real requests use; I2V runs every default step so both experts
-        and the expert switch run, T2V one step (every step runs the same kernels)."""
+        and the expert switch run, T2V one step (every step runs the same kernels), two with CUDA graphs (the
+        second call of a shape captures its graph)."""
         p = self.preset
         if steps is None:
-            steps = p.default_steps if p.task == "i2v" else (2 if p.sampler == "unipc" else 1)
+            two = p.sampler == "unipc" or getattr(self, "cuda_graphs", False)
+            steps = p.default_steps if p.task == "i2v" else (2 if two else 1)
         width, height = p.size_for(p.default_resolution, "16:9")
         req = spec.resolve(spec.GenerationRequest(prompt=WARMUP_PROMPT, model=p.id, seed=1, steps=steps,
                                                   num_frames=p.default_frames, ode=True))
@@ -921,10 +949,11 @@ def load_pipeline(
     vae_chunk_frames: int = 1,
     cudnn_benchmark: bool = False,
     mp4_encoder: str = "process",
+    cuda_graphs: bool = False,
 ) -> VideoPipeline:
     """Build the resident pipeline of one preset (see module docstring)."""
     return VideoPipeline.from_preset(model_id, models_dir=models_dir, device=device, attention=attention,
                                      quant=quant, dtype=dtype, expert_residency=expert_residency,
                                      text_encoder=text_encoder, compile_dit=compile_dit, reserve_gb=reserve_gb,
                                      vae_chunk_frames=vae_chunk_frames, cudnn_benchmark=cudnn_benchmark,
-                                     mp4_encoder=mp4_encoder)
+                                     mp4_encoder=mp4_encoder, cuda_graphs=cuda_graphs)

@@ -49,6 +49,9 @@ class EngineOptions:
       the warm-up pays for the search).
     - TD_MP4_ENCODER: process | thread. Where the streaming H.264 encode runs: a helper process (default; no
       GIL shared with the Python that drives the GPU) or a thread of the worker.
+    - TD_CUDA_GRAPHS: 1 | 0. Replay the DiT forward from CUDA graphs on a GPU (default off; captured at
+      warm-up for the default shape, on the second request of any other; not with TD_COMPILE or swapping
+      experts; the graphs keep one forward's activation memory reserved).
     """
 
     expert_residency: str = "auto"
@@ -59,6 +62,7 @@ class EngineOptions:
     vae_chunk_frames: str = "1"
     cudnn_benchmark: str = "0"
     mp4_encoder: str = "process"
+    cuda_graphs: str = "0"
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "EngineOptions":
@@ -73,6 +77,7 @@ class EngineOptions:
             vae_chunk_frames=env.get("TD_VAE_CHUNK_FRAMES", "1").strip() or "1",
             cudnn_benchmark=env.get("TD_CUDNN_BENCHMARK", "0").strip().lower() or "0",
             mp4_encoder=env.get("TD_MP4_ENCODER", "process").strip().lower() or "process",
+            cuda_graphs=env.get("TD_CUDA_GRAPHS", "0").strip().lower() or "0",
         )
         options.check()
         return options
@@ -92,6 +97,8 @@ class EngineOptions:
             problems.append(f"TD_CUDNN_BENCHMARK must be 1 or 0; got {self.cudnn_benchmark!r}")
         if self.mp4_encoder not in ("process", "thread"):
             problems.append(f"TD_MP4_ENCODER must be process or thread; got {self.mp4_encoder!r}")
+        if self.cuda_graphs not in (*_ON, *_OFF):
+            problems.append(f"TD_CUDA_GRAPHS must be 1 or 0; got {self.cuda_graphs!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -107,9 +114,9 @@ class EngineOptions:
 
     @property
     def decode_args(self) -> dict[str, Any]:
-        """The pipeline's decode and output arguments: vae_chunk_frames, cudnn_benchmark and mp4_encoder."""
+        """The pipeline's run-time arguments: vae_chunk_frames, cudnn_benchmark, mp4_encoder and cuda_graphs."""
         return {"vae_chunk_frames": int(self.vae_chunk_frames), "cudnn_benchmark": self.cudnn_benchmark in _ON,
-                "mp4_encoder": self.mp4_encoder}
+                "mp4_encoder": self.mp4_encoder, "cuda_graphs": self.cuda_graphs in _ON}
 
     def should_warm_up(self, device_type: str) -> bool:
         if self.warmup == "auto":
