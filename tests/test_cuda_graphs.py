@@ -94,6 +94,14 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly():
     for r in results:
         torch.testing.assert_close(r, torch.full((4,), 4.0, device="cuda"))
     assert graphed.stats()["failed"] == 1 and graphed.stats()["graphs"] == 0
+    # the failed capture left nothing behind: CUDA's default generator draws again (it stayed in capture mode
+    # before _recover_from_failed_capture), and a capturable function still gets its graph
+    assert torch.randn(8, device="cuda").isfinite().all()
+    doubled = GraphedForward(lambda v: v * 2)
+    with torch.inference_mode():
+        outs = [doubled(x) for _ in range(3)]
+    assert doubled.stats() == {"graphs": 1, "replays": 2, "failed": 0}
+    torch.testing.assert_close(outs[-1], x * 2)
 
 
 @cuda

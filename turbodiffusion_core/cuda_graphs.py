@@ -51,6 +51,18 @@ def _signature(args: tuple, kwargs: dict) -> tuple[Hashable, list[torch.Tensor]]
     return tuple(key), tensors
 
 
+def _recover_from_failed_capture() -> None:
+    """A capture that raised never ran its end step for CUDA's default random generator, which stays in
+    capture mode (its next random draw outside a capture fails); one small capture that completes runs the
+    begin and end steps and puts it back."""
+    torch.cuda.synchronize()
+    scratch = torch.zeros(1, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch.add_(1)
+    torch.cuda.synchronize()
+
+
 def _static_copy(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
@@ -100,7 +112,7 @@ class GraphedForward:
             self.failed[key] = f"{type(e).__name__}: {e}"
             log.warning("%s: CUDA graph capture failed, running eagerly for these inputs (%s)", self.name,
                         self.failed[key][:300])
-            torch.cuda.synchronize()
+            _recover_from_failed_capture()
             return None
         if not isinstance(output, torch.Tensor):
             self.failed[key] = f"the forward returned {type(output).__name__}, not a tensor"

@@ -353,8 +353,8 @@ class VideoPipeline:
         reserve_gb: Optional[float] = None,
         compile_dit: Union[bool, str] = False,
         text_encoder_reason: str = "as given",
-        mp4_encoder: str = "process",
-        cuda_graphs: bool = False,
+        mp4_encoder: str = "thread",
+        cuda_graphs: bool = True,
     ):
         if mp4_encoder not in MP4_ENCODERS:
             raise ValueError(f"mp4_encoder must be one of {', '.join(MP4_ENCODERS)}; got {mp4_encoder!r}")
@@ -382,7 +382,7 @@ class VideoPipeline:
         self._graphed: dict = {}
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if self.cuda_graphs and self.compile_dit:
-            log.warning("CUDA graphs off: torch.compile is on (use one or the other)")
+            log.info("CUDA graphs off: torch.compile is on (one or the other)")
             self.cuda_graphs = False
         if self.cuda_graphs:
             from .cuda_graphs import GraphedForward
@@ -421,8 +421,8 @@ class VideoPipeline:
         reserve_gb: Optional[float] = None,
         vae_chunk_frames: int = 1,
         cudnn_benchmark: bool = False,
-        mp4_encoder: str = "process",
-        cuda_graphs: bool = False,
+        mp4_encoder: str = "thread",
+        cuda_graphs: bool = True,
     ) -> "VideoPipeline":
         from .models.text_encoder import TextEncoder
         from .models.vae import load_vae
@@ -948,8 +948,8 @@ def load_pipeline(
     reserve_gb: Optional[float] = None,
     vae_chunk_frames: int = 1,
     cudnn_benchmark: bool = False,
-    mp4_encoder: str = "process",
-    cuda_graphs: bool = False,
+    mp4_encoder: str = "thread",
+    cuda_graphs: bool = True,
 ) -> VideoPipeline:
     """Build the resident pipeline of one preset (see module docstring)."""
     return VideoPipeline.from_preset(model_id, models_dir=models_dir, device=device, attention=attention,

@@ -247,24 +247,18 @@ class CausalConv3d(nn.Conv3d):
 
         The padded stream is S = [p history frames (zeros before the clip starts), chunk] (p = time_pad) and
         output frame j reads S[j .. j+p]. Buffer B[j] = [S[j], S[j+1], ..., S[j+p]] along channels (channels-
-        last [n, H, W, (p+1)*C]): `_norm_silu_into_taps` writes chunk frame t (= S[t+p]) to its up-to p+1
-        places, the history part comes from the previous chunk's B, whose last row's top p blocks are exactly
-        the last p frames of S: that slice is the cache's tail (one clone of p frames, as in the other
-        modes)."""
+        last [n, H, W, (p+1)*C]): one kernel (`_norm_silu_into_taps`) writes chunk frame t (= S[t+p]) to its
+        up-to p+1 places, moves the cached history (the previous chunk's last p frames of S, [H, W, p*C]) into
+        the first rows, and writes this chunk's last p frames of S as the next tail: no copies besides."""
         _, c, n, h, w = x.shape
         p = self.time_pad
         key = (self, "stacked")
         if self in cache.tails:
             raise RuntimeError("a causal conv switched between the stacked and the per-tap path within one clip")
-        history = cache.tails.get(key)
         stacked = torch.empty(n, h, w, (p + 1) * c, dtype=x.dtype, device=x.device)
-        for j in range(min(n, p)):  # B[j, block k] = S[j + k] = history frame j + k for j + k < p
-            if history is None:
-                stacked[j, :, :, :(p - j) * c].zero_()
-            else:
-                stacked[j, :, :, :(p - j) * c].copy_(history[:, :, j * c:])
-        _norm_silu_into_taps(norm, x, stacked, in_bias)
-        cache.tails[key] = stacked[n - 1, :, :, c:].clone()
+        tail = torch.empty(h, w, p * c, dtype=x.dtype, device=x.device)
+        _norm_silu_into_taps(norm, x, stacked, tail, cache.tails.get(key), in_bias)
+        cache.tails[key] = tail
         out = F.conv2d(stacked.permute(0, 3, 1, 2), self._stacked_weight(), bias, padding=self.padding[1:])
         return _frames_to_clip(out)
 
@@ -382,21 +376,41 @@ if triton is not None:
         tl.store(out_ptr + r[:, None].to(tl.int64) * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_silu_taps_kernel(x_ptr, out_ptr, gain_ptr, bias_ptr, rows, C, HW, n,
-                               TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
-        """Row r = (frame t, position q) of the chunk is stream frame t + TAPS - 1; it is block k of output
-        frame j = t + TAPS - 1 - k of the stacked buffer [n, HW, TAPS*C], for every such j < n."""
+    def _norm_silu_taps_kernel(x_ptr, out_ptr, old_tail_ptr, new_tail_ptr, gain_ptr, bias_ptr, rows, C, HW, n,
+                               TAPS: tl.constexpr, HAS_HISTORY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Fill the stacked-taps buffer [n, HW, TAPS*C] of a causal conv and its next tail [HW, P*C] (P = TAPS-1).
+
+        Stream S = [P history frames (the old tail; zeros when HAS_HISTORY is off), n chunk frames]; buffer row
+        j, block k holds S[j + k]; the new tail holds S[n .. n+P-1]. Row r = (frame t, position q) of the chunk
+        is S[t + P]: it goes to block k of row t + P - k for each such row < n, and to tail block t - (n - P)
+        when that is >= 0. The programs of frame 0 also move the history: old tail block i (= S[i]) to block k
+        of row i - k (k <= i, row < n), and to new tail block i - n when n < P."""
+        P: tl.constexpr = TAPS - 1
         r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         c = tl.arange(0, BLOCK_C)
         y, mask = _norm_silu_rows(x_ptr, gain_ptr, bias_ptr, r, c, rows, C, HAS_BIAS)
         y = y.to(out_ptr.dtype.element_ty)
         t = r // HW
-        q = r - t * HW
+        q = (r - t * HW).to(tl.int64)
         for k in tl.static_range(TAPS):
-            j = t + (TAPS - 1 - k)
+            j = t + (P - k)
             offs = (j.to(tl.int64) * HW + q)[:, None] * (TAPS * C) + k * C + c[None, :]
             tl.store(out_ptr + offs, y, mask=mask & (j < n)[:, None])
+        block = t - (n - P)
+        tail_row = q[:, None] * (P * C) + c[None, :]
+        tl.store(new_tail_ptr + tail_row + block[:, None].to(tl.int64) * C, y, mask=mask & (block >= 0)[:, None])
+        first = mask & (t == 0)[:, None]
+        for i in tl.static_range(P):
+            if HAS_HISTORY:
+                h = tl.load(old_tail_ptr + tail_row + i * C, mask=first, other=0.0)
+            else:
+                h = tl.zeros([BLOCK_M, BLOCK_C], dtype=out_ptr.dtype.element_ty)
+            for k in tl.static_range(P):
+                if k <= i:
+                    offs = ((i - k) * HW + q)[:, None] * (TAPS * C) + k * C + c[None, :]
+                    tl.store(out_ptr + offs, h, mask=first & (t * 0 + (i - k) < n)[:, None])
+            tl.store(new_tail_ptr + tail_row + (i - n) * C, h, mask=first & (t * 0 + i >= n)[:, None])
 
     @triton.jit
     def _add_bias_residual_kernel(y_ptr, h_ptr, bias_ptr, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -443,16 +457,17 @@ def _norm_silu(norm: RMSNorm, x: torch.Tensor, bias: Optional[torch.Tensor] = No
     return out
 
 
-def _norm_silu_into_taps(norm: RMSNorm, x: torch.Tensor, stacked: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None) -> None:
+def _norm_silu_into_taps(norm: RMSNorm, x: torch.Tensor, stacked: torch.Tensor, new_tail: torch.Tensor,
+                         old_tail: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None) -> None:
     """silu(norm(x + bias)) of the chunk x [1, C, n, H, W] (channels-last) written into the stacked-taps
-    buffer [n, H, W, taps*C] (`CausalConv3d._conv_stacked`); the history blocks are left as they are."""
+    buffer [n, H, W, taps*C] with the history from old_tail [H, W, (taps-1)*C] (None: zeros, the clip's
+    start), and the stream's last taps-1 frames into new_tail (`CausalConv3d._conv_stacked`)."""
     _, c, n, h, w = x.shape
     rows, _, block_m, block_c = _launch_shape(x)
     _norm_silu_taps_kernel[(triton.cdiv(rows, block_m),)](
-        x, stacked, norm.gain(), x if bias is None else bias, rows, c, h * w, n,
-        TAPS=stacked.shape[-1] // c, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=8 if block_c >= 256 else 4,
+        x, stacked, new_tail if old_tail is None else old_tail, new_tail, norm.gain(), x if bias is None else bias,
+        rows, c, h * w, n, TAPS=stacked.shape[-1] // c, HAS_HISTORY=old_tail is not None,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8 if block_c >= 256 else 4,
     )
 
 
