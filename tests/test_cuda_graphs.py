@@ -16,6 +16,12 @@ from turbodiffusion_core.cuda_graphs import GraphedForward
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A folder for the tiny checkpoints (written on first load); own fixture, so the GPU run needs no conftest."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
 def test_cpu_calls_run_eagerly():
     calls = []
 
@@ -30,10 +36,10 @@ def test_cpu_calls_run_eagerly():
     assert len(calls) == 3 and graphed.stats() == {"graphs": 0, "replays": 0, "failed": 0}
 
 
-def test_pipeline_reports_graphs_off_on_cpu(models_dir):
+def test_pipeline_reports_graphs_off_on_cpu(tiny_models):
     from turbodiffusion_core.pipeline import load_pipeline
 
-    pipe = load_pipeline("tiny-t2v", models_dir=models_dir, device="cpu", cuda_graphs=True)
+    pipe = load_pipeline("tiny-t2v", models_dir=tiny_models, device="cpu", cuda_graphs=True)
     try:
         assert pipe.info()["cuda_graphs"] == "off" and pipe._dit("dit") is pipe._forward["dit"]
     finally:
@@ -105,7 +111,7 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly():
 
 
 @cuda
-def test_pipeline_makes_the_same_video_with_graphs(models_dir):
+def test_pipeline_makes_the_same_video_with_graphs(tiny_models):
     import numpy as np
 
     from turbodiffusion_core import spec
@@ -114,7 +120,8 @@ def test_pipeline_makes_the_same_video_with_graphs(models_dir):
     req = spec.resolve(spec.GenerationRequest(prompt="a red kite", model="tiny-t2v", seed=4, steps=4))
     frames = {}
     for graphs in (False, True):
-        pipe = load_pipeline("tiny-t2v", models_dir=models_dir, device="cuda", cuda_graphs=graphs)
+        pipe = load_pipeline("tiny-t2v", models_dir=tiny_models, device="cuda", attention="original",
+                             cuda_graphs=graphs)
         try:
             frames[graphs] = np.asarray(pipe.generate(req).frames, dtype=np.float32)
             if graphs:
