@@ -9,7 +9,7 @@
 #   sagesla  with SpargeAttn's spas_sage_attn importable (installed beforehand in the same call, e.g. into
 #            /tmp/site, as SpargeAttn's README says): its GPU tests and check_kernels.py --only sla
 #            (sagesla rows beside sla)                                                           (~2 min)
-#   dit      bench_dit.py, 1.3B 480p: diffusers vs original / sla x bf16 / fp8 / int8-tile / int8-rowcol,
+#   dit      bench_dit.py, 1.3B 480p: diffusers vs original / sla x bf16 / fp8 (+CUDA graph) / int8-tile / int8-rowcol,
 #            and sagesla when spas_sage_attn imports                                            (~3 min)
 #   dit14b   bench_dit.py --configs "" --with-14b: the 14B DiT at 480p and 720p                 (~5 min)
 #   e2e      bench_e2e.py --attention auto, the 1.3B T2V sections (request -> MP4, VAE, baseline)  (~1 min)
@@ -64,8 +64,8 @@ run_step() {
     step sagesla python3 bench/check_kernels.py --only sla --out "$OUT_DIR/kernels_sla_h100.json"
     ;;
   dit)
-    local configs="original,sla,sla+fp8,sla+int8-tile,sla+int8-rowcol,original+fp8"
-    python3 -c "import spas_sage_attn" 2>/dev/null && configs="$configs,sagesla,sagesla+fp8"
+    local configs="original,sla,sla+fp8,sla+fp8+graph,sla+int8-tile,sla+int8-rowcol,original+fp8"
+    python3 -c "import spas_sage_attn" 2>/dev/null && configs="$configs,sagesla,sagesla+fp8,sagesla+fp8+graph"
     step dit python3 bench/bench_dit.py --configs "$configs" --out "$OUT_DIR/dit_h100.json"
     ;;
   dit14b)

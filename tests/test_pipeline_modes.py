@@ -173,16 +173,17 @@ def test_prefix_frames_make_an_extension(i2v, tmp_path):
 
 
 def test_mp4_helper_process_and_thread_write_the_same_video(t2v, tmp_path):
-    """The default writes the MP4 on a helper process; TD_MP4_ENCODER=thread on a thread of the worker: the
+    """The default writes the MP4 on a thread of the worker; TD_MP4_ENCODER=process on a helper process: the
     same frames, the same video, previews included."""
-    assert t2v.mp4_encoder == "process" and t2v.info()["mp4_encoder"] == "process"
-    by_process = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "p")
-    assert t2v._encoder_process is not None and t2v._encoder_process.alive
-    t2v.mp4_encoder = "thread"
+    assert t2v.mp4_encoder == "thread" and t2v.info()["mp4_encoder"] == "thread"
+    by_thread = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "t")
+    assert t2v._encoder_process is None  # no helper started unless asked for
+    t2v.mp4_encoder = "process"
     try:
-        by_thread = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "t")
+        by_process = t2v.generate(_t2v_req(num_frames=9), output_dir=tmp_path / "p")
+        assert t2v._encoder_process is not None and t2v._encoder_process.alive
     finally:
-        t2v.mp4_encoder = "process"
+        t2v.mp4_encoder = "thread"
     assert np.array_equal(by_process.frames, by_thread.frames)
     assert_same_video(read_video_frames(by_process.files["video"]), read_video_frames(by_thread.files["video"]))
     assert set(by_process.files) == set(by_thread.files) == {"video", "thumbnail", "spritesheet"}
@@ -281,11 +282,11 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert EngineOptions.from_env({"TD_WARMUP": "0"}).should_warm_up("cuda") is False
     with pytest.raises(ValueError, match="TD_EXPERT_RESIDENCY"):
         EngineOptions.from_env({"TD_EXPERT_RESIDENCY": "sometimes"})
-    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False, "mp4_encoder": "process",
-                                   "cuda_graphs": False}
+    assert default.decode_args == {"vae_chunk_frames": 1, "cudnn_benchmark": False, "mp4_encoder": "thread",
+                                   "cuda_graphs": True}
     decode = EngineOptions.from_env({"TD_VAE_CHUNK_FRAMES": " 3 ", "TD_CUDNN_BENCHMARK": "on",
-                                     "TD_MP4_ENCODER": "Thread", "TD_CUDA_GRAPHS": "1"}).decode_args
-    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True, "mp4_encoder": "thread", "cuda_graphs": True}
+                                     "TD_MP4_ENCODER": "Process", "TD_CUDA_GRAPHS": "0"}).decode_args
+    assert decode == {"vae_chunk_frames": 3, "cudnn_benchmark": True, "mp4_encoder": "process", "cuda_graphs": False}
     with pytest.raises(ValueError, match="TD_CUDA_GRAPHS"):
         EngineOptions.from_env({"TD_CUDA_GRAPHS": "always"})
     with pytest.raises(ValueError, match="TD_MP4_ENCODER"):
@@ -301,7 +302,7 @@ def test_worker_engine_options_from_env_and_warmup_at_load(models_dir):
     assert residency.get("tiny-i2v").vae.decode_chunk_frames == 3  # the option reaches the loaded VAE
     info = residency.describe()["tiny-i2v"]
     assert info["expert_residency"] == "swap" and info["warmup_seconds"] > 0
-    assert info["mp4_encoder"] == "process"
+    assert info["mp4_encoder"] == "thread" and info["cuda_graphs"] == "off"  # graphs: GPU only
     assert info["expert_residency_detail"]["switches"] == 2  # the warm-up ran both experts
 
 
