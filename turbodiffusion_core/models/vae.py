@@ -48,14 +48,18 @@ TAP_SPLIT_MAX_CHANNELS = 96
 H100, bf16, channels-last) picks a slow kernel for the 96-channel full-resolution convs of the last decoder
 stage: 3.7 ms as a 3D conv vs 2.6 ms as three 2D convs for 6->4 frames of 480x832, while at 192 and 384
 channels the 3D conv is as fast or faster. Whole 480p 81-frame decode: 972 -> 857 ms (measured on an H100,
-torch 2.11, 2026-11-25)."""
+torch 2.11, 2026-11-25). With the taps stacked (tap_mode "stacked"): 757.8 ms at 96, 851.9 ms when the
+192-channel convs are stacked too, 866.9 ms up to 384 (H100, 2026-12-06, bench/results/profile_vae_h100_stacked*)."""
 
 TAP_MODES = ("stacked", "in_place", "concat")
-"""How a tap-split conv runs (`CausalConv3d.tap_mode`). stacked: the norm/SiLU kernel in front of the conv
-writes each frame into a [frames, H, W, taps*C] buffer where row j holds the frames output j reads, and one
-2D conv over taps*C channels does all taps (fp32 accumulation, no per-tap outputs to add); convs not fed by
-that kernel run in_place. in_place: one 2D conv per tap reading the cached history and the chunk where they
-lie, partial outputs added. concat: [history, chunk] concatenated first, then one 2D conv per tap."""
+"""How the causal convs run on the fused path (`CausalConv3d.tap_mode`). stacked (default): the norm/SiLU kernel
+in front of a conv writes straight into the conv's input: for a tap-split conv into a [frames, H, W, taps*C]
+buffer where row j holds the frames output j reads, so one 2D conv over taps*C channels does all taps (fp32
+accumulation, no per-tap outputs to add); for a wider conv behind the history frames of its Conv3d input (no
+concatenated copy); convs with no such kernel in front (the temporal upsampler) run as in in_place. in_place:
+one 2D conv per tap reading the cached history and the chunk where they lie, partial outputs added. concat:
+[history, chunk] concatenated first, then one 2D conv per tap. 480p 81 frames on an H100: 757.8 / 810.0 /
+866.7 ms (bench/results/profile_vae_h100_stacked*.json)."""
 
 DECODE_CHUNK_FRAMES = 1
 """Latent frames per decoder pass after the first (`WanVAE.decode_iter`); the official code decodes one."""
