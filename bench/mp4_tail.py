@@ -5,13 +5,15 @@ The pipeline streams decoded chunks (1 frame, then 4 at a time) to an encoder th
 when the decode ends, the encoder still holds the frames its frame threads and lookahead keep back, and
 `finish()` has to encode them all. This feeds synthetic 480p frames (moving gradients over fixed texture, so
 the encoder has real work) at the VAE's pace and times that tail, the encoder's total busy time and the file
-size, for each `x264-params` string, with the encoder on a thread of this process or on the helper process
+size, for each `x264-params` string, with the encoder on a thread of this process fed RGB frames (`thread`) or the
+I420 frames the pipeline converts on the GPU (`thread-yuv`, converted here beforehand), or on the helper process
 (`--encoders`), and the main thread idle between chunks or running Python (`--main busy`: what the loop that
 drives the GPU does, which holds the GIL). CPU only; run it on the GPU machine to get that machine's CPUs.
 
     python bench/mp4_tail.py --out bench/results/mp4_tail.json
     python bench/mp4_tail.py --pace-ms 40 --params "" "threads=8" "sliced-threads=1"
     python bench/mp4_tail.py --params "" --encoders thread,process --main idle,busy
+    python bench/mp4_tail.py --params "" --encoders thread,thread-yuv --main busy --pace-ms 37
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from turbodiffusion_core.mp4_encoder import EncoderProcess  # noqa: E402
-from turbodiffusion_core.pipeline import _Mp4Thread  # noqa: E402
+from turbodiffusion_core.pipeline import _Mp4Thread, _yuv420_planes  # noqa: E402
+from turbodiffusion_core.video import Yuv420Frames  # noqa: E402
+
+ENCODERS = ("thread", "thread-yuv", "process")
 
 DEFAULT_PARAMS = ["", "rc-lookahead=4:sync-lookahead=0", "threads=8", "threads=8:rc-lookahead=4:sync-lookahead=0",
                   "sliced-threads=1", "sliced-threads=1:rc-lookahead=4:sync-lookahead=0"]
@@ -50,10 +55,11 @@ def synthetic_frames(frames: int, height: int, width: int) -> np.ndarray:
     return out
 
 
-def one_run(frames: np.ndarray, params: str, pace_s: float, folder: Path, helper: Optional[EncoderProcess] = None,
+def one_run(frames, params: str, pace_s: float, folder: Path, helper: Optional[EncoderProcess] = None,
             busy: bool = False) -> dict:
+    """frames: uint8 RGB [T,H,W,3] or Yuv420Frames."""
     path = folder / "tail.mp4"
-    height, width = frames.shape[1:3]
+    height, width = (frames.height, frames.width) if isinstance(frames, Yuv420Frames) else frames.shape[1:3]
     if helper is None:
         mp4 = _Mp4Thread(path, width, height, x264_params=params or None)
     else:
@@ -83,22 +89,29 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x480", help="WIDTHxHEIGHT")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--encoders", default="thread", help="comma-separated: thread, process")
+    ap.add_argument("--encoders", default="thread", help="comma-separated: " + ", ".join(ENCODERS))
     ap.add_argument("--main", default="idle", help="comma-separated: idle, busy (the main thread between chunks)")
     args = ap.parse_args()
 
     width, height = (int(v) for v in args.size.split("x"))
     frames = synthetic_frames(args.frames, height, width)
+    for encoder in args.encoders.split(","):
+        if encoder not in ENCODERS:
+            ap.error(f"unknown encoder {encoder!r} (one of {', '.join(ENCODERS)})")
+    yuv = None
+    if "thread-yuv" in args.encoders.split(","):
+        import torch
+
+        yuv = Yuv420Frames(_yuv420_planes(torch.from_numpy(frames)).numpy())
     rows = []
     helper = EncoderProcess() if "process" in args.encoders.split(",") else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for encoder in args.encoders.split(","):
-                if encoder not in ("thread", "process"):
-                    ap.error(f"unknown encoder {encoder!r}")
                 for main_thread in args.main.split(","):
                     for params in args.params:
-                        runs = [one_run(frames, params, args.pace_ms / 1000, Path(tmp),
+                        source = yuv if encoder == "thread-yuv" else frames
+                        runs = [one_run(source, params, args.pace_ms / 1000, Path(tmp),
                                         helper if encoder == "process" else None, busy=main_thread == "busy")
                                 for _ in range(args.repeat)]
                         row = {"encoder": encoder, "main_thread": main_thread, "x264_params": params,

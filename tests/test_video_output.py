@@ -201,3 +201,42 @@ def test_vae_chunks_stream_into_mp4(tmp_path):
     # H.264 does not keep, so compare against the same encoder rather than the raw frames)
     whole = write_mp4(frames_to_uint8(vae.decode(latent)), tmp_path / "whole.mp4")
     assert_same_video(back, read_video_frames(whole), "VAE chunks streamed vs whole clip")
+
+
+def test_gpu_side_yuv_conversion_matches_swscale_and_encodes_as_well(tmp_path):
+    """pipeline._yuv420_planes (run where the frames are, the GPU in a worker) gives the I420 planes swscale
+    makes from the same RGB frames within one level of luma and two of chroma (BT.709, limited range; swscale
+    rounds in fixed point); Mp4Writer encodes them to a
+    video as close to the frames as its own RGB path."""
+    from av.video.reformatter import ColorRange, Colorspace
+
+    from turbodiffusion_core.pipeline import _yuv420_planes
+    from turbodiffusion_core.video import Yuv420Frames
+
+    rng = np.random.default_rng(4)
+    h, w = 48, 64
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 255 / (w + h)], -1)
+    frames = np.stack([np.clip(base + 6 * i + rng.normal(0, 3, base.shape), 0, 255) for i in range(7)]).astype(np.uint8)
+    planes = _yuv420_planes(torch.from_numpy(frames)).numpy()
+    assert planes.shape == (7, h * 3 // 2, w) and planes.dtype == np.uint8
+    for ours, rgb in zip(planes, frames):
+        theirs = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+            format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG).to_ndarray()
+        diff = np.abs(ours.astype(int) - theirs.astype(int))
+        assert diff[:h].max() <= 1 and diff[:h].mean() < 0.05, (diff[:h].max(), diff[:h].mean())  # Y
+        assert diff[h:].max() <= 2 and diff[h:].mean() < 0.5, (diff[h:].max(), diff[h:].mean())  # U, V
+    with Mp4Writer(tmp_path / "rgb.mp4", w, h) as rgb_writer:
+        rgb_writer.write(frames)
+    with Mp4Writer(tmp_path / "yuv.mp4", w, h) as yuv_writer:
+        yuv_writer.write(Yuv420Frames(planes[:3]))
+        yuv_writer.write(Yuv420Frames(planes)[3:])
+    err = {name: np.abs(read_video_frames(wr.path).astype(float) - frames).mean()
+           for name, wr in (("rgb", rgb_writer), ("yuv", yuv_writer))}
+    assert err["yuv"] <= err["rgb"] * 1.05 + 0.2 and err["yuv"] < 5, err
+    with pytest.raises(ValueError, match="I420"):
+        Yuv420Frames(np.zeros((2, 10, 8), np.uint8))  # 10 rows: not H*3/2 of an even H
+    odd = Mp4Writer(tmp_path / "x.mp4", w, h)
+    with pytest.raises(ValueError, match="writer is 64x48"):
+        odd.write(Yuv420Frames(np.zeros((1, 36, 32), np.uint8)))
+    odd.close()

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import spec
 from .errors import EngineError, ModelFilesMissing, UnsupportedRequest
@@ -243,6 +244,26 @@ def _uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     arithmetic as video.frames_to_uint8)."""
     x = chunk[0].permute(1, 2, 3, 0).float()
     return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
+_BT709 = (0.2126, 0.7152, 0.0722)
+
+
+def _yuv420_planes(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB frames [t,H,W,3] -> uint8 I420 frames [t, H*3/2, W] (video.Yuv420Frames): BT.709, limited
+    range (Y 16-235, U/V 16-240), chroma the mean of each 2x2 block (the encoder's colour settings), computed
+    where the frames are (the GPU), so the MP4 encoder thread does no colour conversion."""
+    t, h, w, _ = u8.shape
+    rgb = u8.permute(0, 3, 1, 2).float() * (1.0 / 255.0)  # [t,3,H,W]
+    kr, kg, kb = _BT709
+    luma = kr * rgb[:, 0] + kg * rgb[:, 1] + kb * rgb[:, 2]
+    y = 16.0 + 219.0 * luma
+    mean = F.avg_pool2d(rgb, 2)  # conversion is affine: converting the 2x2 mean = the mean of the converted
+    mean_luma = kr * mean[:, 0] + kg * mean[:, 1] + kb * mean[:, 2]
+    u = 128.0 + 224.0 * (mean[:, 2] - mean_luma) / (2.0 * (1.0 - kb))
+    v = 128.0 + 224.0 * (mean[:, 0] - mean_luma) / (2.0 * (1.0 - kr))
+    planes = torch.cat([y.reshape(t, -1), u.reshape(t, -1), v.reshape(t, -1)], dim=1)
+    return planes.round_().clamp_(0, 255).to(torch.uint8).view(t, h * 3 // 2, w)
 
 
 def _auto_quant(preset: spec.Preset, device: torch.device, reserve_gb: Optional[float]) -> tuple[Optional[str], str]:
@@ -745,6 +766,7 @@ class VideoPipeline:
         and to `previews` (a `video.PreviewWriter`). On a GPU each chunk's uint8 copy to pinned host memory,
         and the CPU work on the chunk before it, run while the next chunk decodes."""
         from .models.vae import latent_frames_decoded
+        from .video import Yuv420Frames
 
         cfg = self.vae.config
         _, _, t_lat, h, w = latent.shape
@@ -755,7 +777,7 @@ class VideoPipeline:
         pending = None  # (host uint8 tensor, event) of the chunk before the current one
         decoded = 0  # pixel frames the VAE has produced so far
 
-        def land(host: torch.Tensor, event) -> None:
+        def land(host: torch.Tensor, yuv: Optional[torch.Tensor], event) -> None:
             nonlocal filled
             if event is not None:
                 event.synchronize()
@@ -764,23 +786,29 @@ class VideoPipeline:
             if mp4 is not None:
                 first = 1 if skip_first and filled == 0 else 0
                 if n > first:
-                    mp4.put(frames[filled + first:filled + n])
+                    mp4.put(frames[filled + first:filled + n] if yuv is None else Yuv420Frames(yuv.numpy()[first:]))
             if previews is not None:
                 previews.add(frames[filled:filled + n], filled)
             filled += n
 
+        # the thread writer takes I420 frames converted here (on the GPU); the helper process takes RGB
+        to_yuv = mp4 is not None and isinstance(mp4, _Mp4Thread)
         for chunk in self.vae.decode_iter(latent.to(self.vae_dtype)):
             u8 = _uint8_frames(chunk)
+            yuv = _yuv420_planes(u8) if to_yuv else None
             if cuda:
                 host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
                 host.copy_(u8, non_blocking=True)
+                if yuv is not None:
+                    yuv_host = torch.empty(yuv.shape, dtype=torch.uint8, pin_memory=True)
+                    yuv = yuv_host.copy_(yuv, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
             else:
                 host, event = u8, None
             if pending is not None:
                 land(*pending)
-            pending = (host, event)
+            pending = (host, yuv, event)
             decoded += chunk.shape[2]
             report(spec.ProgressEvent("vae_decode", latent_frames_decoded(decoded, cfg.temporal_factor) / t_lat))
         if pending is not None:

@@ -58,6 +58,26 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+class Yuv420Frames:
+    """Frames already in the encoder's pixel format: uint8 [T, H*3/2, W], each frame its Y plane followed by
+    its U and V planes (I420, BT.709, limited range), the layout `av.VideoFrame.from_ndarray(..., "yuv420p")`
+    takes. The pipeline converts on the GPU (`pipeline._yuv420_planes`), so the encoder thread skips
+    swscale's RGB conversion."""
+
+    def __init__(self, planes: np.ndarray) -> None:
+        if planes.dtype != np.uint8 or planes.ndim != 3 or planes.shape[1] % 6 or planes.shape[2] % 2:
+            raise ValueError(f"expected uint8 I420 frames [T, H*3/2, W] with H and W even; got {planes.dtype} "
+                             f"{list(planes.shape)}")
+        self.planes = planes
+        self.height, self.width = planes.shape[1] * 2 // 3, planes.shape[2]
+
+    def __len__(self) -> int:
+        return self.planes.shape[0]
+
+    def __getitem__(self, index: slice) -> "Yuv420Frames":
+        return Yuv420Frames(self.planes[index])
+
+
 class Mp4Writer:
     """Streaming H.264 writer: `write` chunks of frames as they are decoded, then `close`.
 
@@ -91,8 +111,14 @@ class Mp4Writer:
         self._stream = stream
         self._closed = False
 
-    def write(self, frames: np.ndarray) -> None:
-        """Encode uint8 frames [T,H,W,3] (or one [H,W,3]) of the writer's size."""
+    def write(self, frames: Union[np.ndarray, Yuv420Frames]) -> None:
+        """Encode uint8 RGB frames [T,H,W,3] (or one [H,W,3]), or `Yuv420Frames`, of the writer's size."""
+        if isinstance(frames, Yuv420Frames):
+            if (frames.height, frames.width) != (self.height, self.width):
+                raise ValueError(f"frames are {frames.width}x{frames.height}, writer is {self.width}x{self.height}")
+            for planes in frames.planes:
+                self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(planes), format="yuv420p"))
+            return
         frames = _check_frames(frames)
         if frames.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, writer is {self.width}x{self.height}")
@@ -100,9 +126,12 @@ class Mp4Writer:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
                 format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
             )
-            frame.pts = self.frames_written
-            self._container.mux(self._stream.encode(frame))
-            self.frames_written += 1
+            self._encode(frame)
+
+    def _encode(self, frame: "av.VideoFrame") -> None:
+        frame.pts = self.frames_written
+        self._container.mux(self._stream.encode(frame))
+        self.frames_written += 1
 
     def close(self) -> Path:
         """Flush the encoder and finish the file (faststart rewrites the index to the front here)."""
