@@ -104,10 +104,15 @@ def main() -> int:
                 one(client, args.poll_ms / 1000)
             runs = [one(client, args.poll_ms / 1000) for _ in range(args.requests)]
     finally:
-        for proc in (worker, api):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(15)
+        procs = [proc for proc in (worker, api) if proc is not None]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:  # a loaded machine can take a while to shut a worker down: never leave one behind
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         redis.stop()
 
     report = {
