@@ -34,6 +34,12 @@ def test_cpu_calls_run_eagerly():
     for _ in range(3):
         torch.testing.assert_close(graphed(x, scale=2.0), x * 2)
     assert len(calls) == 3 and graphed.stats() == {"graphs": 0, "replays": 0, "failed": 0}
+    # a call whose arguments cannot key a graph (a list) runs eagerly on a GPU too
+    from turbodiffusion_core.cuda_graphs import _hashable, _signature
+
+    assert _hashable(_signature((x,), {"scale": 2.0})[0])
+    assert not _hashable(_signature((x,), {"extra": [1, 2]})[0])
+    assert GraphedForward(lambda v, extra: v + len(extra))(x, extra=[1, 2]).tolist() == (x + 2).tolist()
 
 
 def test_pipeline_reports_graphs_off_on_cpu(tiny_models):

@@ -51,6 +51,15 @@ def _signature(args: tuple, kwargs: dict) -> tuple[Hashable, list[torch.Tensor]]
     return tuple(key), tensors
 
 
+def _hashable(key: Hashable) -> bool:
+    """Whether a signature can key a graph (an argument such as a list cannot: that call runs eagerly)."""
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
 def _recover_from_failed_capture() -> None:
     """A capture that raised never ran its end step for CUDA's default random generator, which stays in
     capture mode (its next random draw outside a capture fails); one small capture that completes runs the
@@ -83,7 +92,8 @@ class GraphedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         key, tensors = _signature(args, kwargs)
-        if not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled() or key in self.failed:
+        if not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled() or not _hashable(key) \
+                or key in self.failed:
             return self.fn(*args, **kwargs)
         entry = self.graphs.get(key)
         if entry is None:
