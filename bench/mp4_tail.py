@@ -5,9 +5,9 @@ The pipeline streams decoded chunks (1 frame, then 4 at a time) to an encoder th
 when the decode ends, the encoder still holds the frames its frame threads and lookahead keep back, and
 `finish()` has to encode them all. This feeds synthetic 480p frames (moving gradients over fixed texture, so
 the encoder has real work) at the VAE's pace and times that tail, the encoder's total busy time and the file
-size, for each `x264-params` string, with the encoder on a thread of this process fed RGB frames (`thread`) or the
-I420 frames the pipeline converts on the GPU (`thread-yuv`, converted here beforehand), or on the helper process
-(`--encoders`), and the main thread idle between chunks or running Python (`--main busy`: what the loop that
+size, for each `x264-params` string, with the encoder on a thread of this process or on the helper process, fed RGB
+frames (`thread`, `process`) or the I420 frames the pipeline converts on the GPU (`thread-yuv`, `process-yuv`,
+converted here beforehand) (`--encoders`), and the main thread idle between chunks or running Python (`--main busy`: what the loop that
 drives the GPU does, which holds the GIL). CPU only; run it on the GPU machine to get that machine's CPUs.
 
     python bench/mp4_tail.py --out bench/results/mp4_tail.json
@@ -37,7 +37,7 @@ from turbodiffusion_core.mp4_encoder import EncoderProcess  # noqa: E402
 from turbodiffusion_core.pipeline import _Mp4Thread, _yuv420_planes  # noqa: E402
 from turbodiffusion_core.video import Yuv420Frames  # noqa: E402
 
-ENCODERS = ("thread", "thread-yuv", "process")
+ENCODERS = ("thread", "thread-yuv", "process", "process-yuv")
 
 DEFAULT_PARAMS = ["", "rc-lookahead=4:sync-lookahead=0", "threads=8", "threads=8:rc-lookahead=4:sync-lookahead=0",
                   "sliced-threads=1", "sliced-threads=1:rc-lookahead=4:sync-lookahead=0"]
@@ -99,20 +99,21 @@ def main() -> int:
         if encoder not in ENCODERS:
             ap.error(f"unknown encoder {encoder!r} (one of {', '.join(ENCODERS)})")
     yuv = None
-    if "thread-yuv" in args.encoders.split(","):
+    if any(e.endswith("-yuv") for e in args.encoders.split(",")):
         import torch
 
         yuv = Yuv420Frames(_yuv420_planes(torch.from_numpy(frames)).numpy())
     rows = []
-    helper = EncoderProcess() if "process" in args.encoders.split(",") else None
+    helper = EncoderProcess() if any(e.startswith("process") for e in args.encoders.split(",")) else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for encoder in args.encoders.split(","):
                 for main_thread in args.main.split(","):
                     for params in args.params:
-                        source = yuv if encoder == "thread-yuv" else frames
+                        source = yuv if encoder.endswith("-yuv") else frames
                         runs = [one_run(source, params, args.pace_ms / 1000, Path(tmp),
-                                        helper if encoder == "process" else None, busy=main_thread == "busy")
+                                        helper if encoder.startswith("process") else None,
+                                        busy=main_thread == "busy")
                                 for _ in range(args.repeat)]
                         row = {"encoder": encoder, "main_thread": main_thread, "x264_params": params,
                                "bytes": runs[-1]["bytes"]}

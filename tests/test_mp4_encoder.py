@@ -59,6 +59,26 @@ def test_helper_writes_the_same_video_as_the_in_process_writer(helper, frames, t
     assert helper._proc.pid == pid and read_video_frames(tmp_path / "b.mp4").shape == frames.shape
 
 
+def test_helper_takes_i420_frames_as_the_thread_writer_does(helper, frames, tmp_path):
+    """I420 chunks (what the pipeline sends, converted on the GPU) over the pipe, mixed with an RGB one: the same
+    video as the in-process writer makes from the same chunks."""
+    import torch
+
+    from turbodiffusion_core.pipeline import _yuv420_planes
+    from turbodiffusion_core.video import Mp4Writer, Yuv420Frames
+
+    yuv = Yuv420Frames(_yuv420_planes(torch.from_numpy(frames)).numpy())
+    stream = helper.stream(tmp_path / "yuv.mp4", W, H)
+    stream.put(frames[:1])  # RGB (an extension's prefix frames)
+    stream.put(yuv[1:7])
+    stream.put(yuv[7:])
+    stream.finish()
+    with Mp4Writer(tmp_path / "ref.mp4", W, H) as ref:
+        ref.write(frames[:1])
+        ref.write(yuv[1:])
+    assert_same_video(read_video_frames(tmp_path / "yuv.mp4"), read_video_frames(ref.path), "helper vs in-process")
+
+
 def test_abort_removes_the_file_and_one_video_at_a_time(helper, frames, tmp_path):
     stream = helper.stream(tmp_path / "x.mp4", W, H)
     with pytest.raises(EngineError, match="already writing"):

@@ -8,10 +8,12 @@ e2e_h100.json). A helper process has its own interpreter. It is started once per
 reused for every video, and restarted if it dies.
 
 Protocol, over the helper's stdin / stdout: every message is a 4-byte big-endian length and a JSON
-object; a "frames" message is followed by the raw uint8 bytes of the [n, H, W, 3] frames it announces.
+object; a "frames" message is followed by the raw uint8 bytes of the frames it announces: RGB [n, H, W, 3], or
+I420 planes [n, H*3/2, W] (`video.Yuv420Frames`, converted by the pipeline on the GPU) with "format": "yuv420p".
 
     parent -> helper: {"op": "open", "path", "width", "height", "x264_params"}
                       {"op": "frames", "shape": [n, H, W, 3]} + bytes
+                      {"op": "frames", "shape": [n, H*3/2, W], "format": "yuv420p"} + bytes
                       {"op": "finish"} | {"op": "abort"} | {"op": "stop"}
     helper -> parent: after finish: {"ok": true, "busy": seconds} or {"ok": false, "error": text};
                       after abort: {"ok": true}
@@ -32,11 +34,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 
 from .errors import EngineError
+from .video import Yuv420Frames
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +159,16 @@ class Mp4Stream:
         self._error: Optional[str] = None
         self._done = False
 
-    def put(self, frames: np.ndarray) -> None:
+    def put(self, frames: Union[np.ndarray, Yuv420Frames]) -> None:
         if self._error is not None:
             return
+        header: dict = {"op": "frames"}
+        if isinstance(frames, Yuv420Frames):
+            frames, header["format"] = frames.planes, "yuv420p"
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        header["shape"] = list(frames.shape)
         try:
-            _send(self._owner._proc.stdin, {"op": "frames", "shape": list(frames.shape)}, memoryview(frames).cast("B"))
+            _send(self._owner._proc.stdin, header, memoryview(frames).cast("B"))
         except (OSError, AttributeError) as exc:  # reported by finish()
             self._error = f"the MP4 encoder process exited while taking frames ({exc})"
 
@@ -250,7 +257,8 @@ def _helper_main(inp: BinaryIO, out: BinaryIO) -> int:
             shape = tuple(msg["shape"])
             data = _read_exact(inp, int(np.prod(shape)))
             if encoder is not None:
-                jobs.put(np.frombuffer(data, dtype=np.uint8).reshape(shape))
+                frames = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+                jobs.put(Yuv420Frames(frames) if msg.get("format") == "yuv420p" else frames)
         elif op == "open":
             state.update(error=None, busy=0.0, path=Path(msg["path"]))
             try:

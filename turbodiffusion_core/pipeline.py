@@ -791,8 +791,8 @@ class VideoPipeline:
                 previews.add(frames[filled:filled + n], filled)
             filled += n
 
-        # the thread writer takes I420 frames converted here (on the GPU); the helper process takes RGB
-        to_yuv = mp4 is not None and isinstance(mp4, _Mp4Thread)
+        # the MP4 writer (thread or helper process) takes I420 frames converted here, on the GPU
+        to_yuv = mp4 is not None
         for chunk in self.vae.decode_iter(latent.to(self.vae_dtype)):
             u8 = _uint8_frames(chunk)
             yuv = _yuv420_planes(u8) if to_yuv else None
