@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from turbodiffusion_core.mp4_encoder import EncoderProcess  # noqa: E402
-from turbodiffusion_core.pipeline import _Mp4Thread, _yuv420_planes  # noqa: E402
-from turbodiffusion_core.video import Yuv420Frames  # noqa: E402
+from turbodiffusion_core.pipeline import _yuv420_planes  # noqa: E402
+from turbodiffusion_core.video import Mp4Thread, Yuv420Frames  # noqa: E402
 
 ENCODERS = ("thread", "thread-yuv", "process", "process-yuv")
 
@@ -61,7 +61,7 @@ def one_run(frames, params: str, pace_s: float, folder: Path, helper: Optional[E
     path = folder / "tail.mp4"
     height, width = (frames.height, frames.width) if isinstance(frames, Yuv420Frames) else frames.shape[1:3]
     if helper is None:
-        mp4 = _Mp4Thread(path, width, height, x264_params=params or None)
+        mp4 = Mp4Thread(path, width, height, x264_params=params or None)
     else:
         mp4 = helper.stream(path, width, height, x264_params=params or None)
     chunks = [frames[:1]] + [frames[i:i + 4] for i in range(1, len(frames), 4)]

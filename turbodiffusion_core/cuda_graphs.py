@@ -33,8 +33,7 @@ log = logging.getLogger("turbodiffusion.cuda_graphs")
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
-    args: list  # static inputs: tensors (copied into before each replay) and the other values as given
-    kwargs: dict
+    inputs: list[torch.Tensor]  # the static tensor inputs, in `_signature` order: copied into before each replay
     output: torch.Tensor
 
 
@@ -103,7 +102,7 @@ class GraphedForward:
             entry = self._capture(key, args, kwargs)
             if entry is None:
                 return self.fn(*args, **kwargs)
-        for static, value in zip(_signature(entry.args, entry.kwargs)[1], tensors):
+        for static, value in zip(entry.inputs, tensors):
             static.copy_(value)
         entry.graph.replay()
         self.replays += 1
@@ -127,10 +126,10 @@ class GraphedForward:
         if not isinstance(output, torch.Tensor):
             self.failed[key] = f"the forward returned {type(output).__name__}, not a tensor"
             return None
-        entry = _Graph(graph, static_args, static_kwargs, output)
+        entry = _Graph(graph, _signature(tuple(static_args), static_kwargs)[1], output)
         self.graphs[key] = entry
         log.info("%s: captured a CUDA graph (%d so far) for %s", self.name, len(self.graphs),
-                 ", ".join(str(tuple(t.shape)) for t in _signature(args, kwargs)[1]))
+                 ", ".join(str(tuple(t.shape)) for t in entry.inputs))
         return entry
 
     def reset(self) -> None:

@@ -27,12 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -227,26 +225,12 @@ class Mp4Stream:
 
 # --- the helper process ---------------------------------------------------------------------------------
 def _helper_main(inp: BinaryIO, out: BinaryIO) -> int:
-    from .video import Mp4Writer
+    """One video at a time on a `video.Mp4Thread`: this thread keeps reading the pipe while it encodes."""
+    from .video import Mp4Thread
 
-    jobs: queue.Queue = queue.Queue()
-    state: dict = {}
-
-    def encode() -> None:
-        while True:
-            frames = jobs.get()
-            if frames is None:
-                return
-            if state.get("error") is not None:
-                continue
-            start = time.perf_counter()
-            try:
-                state["writer"].write(frames)
-            except BaseException as exc:  # reported at finish
-                state["error"] = f"{type(exc).__name__}: {exc}"
-            state["busy"] += time.perf_counter() - start
-
-    encoder: Optional[threading.Thread] = None
+    stream: Optional[Mp4Thread] = None
+    path: Optional[Path] = None
+    open_error: Optional[str] = None  # the writer could not be made: reported at finish
     while True:
         try:
             msg = _receive(inp)
@@ -256,39 +240,31 @@ def _helper_main(inp: BinaryIO, out: BinaryIO) -> int:
         if op == "frames":
             shape = tuple(msg["shape"])
             data = _read_exact(inp, int(np.prod(shape)))
-            if encoder is not None:
+            if stream is not None:
                 frames = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-                jobs.put(Yuv420Frames(frames) if msg.get("format") == "yuv420p" else frames)
+                stream.put(Yuv420Frames(frames) if msg.get("format") == "yuv420p" else frames)
         elif op == "open":
-            state.update(error=None, busy=0.0, path=Path(msg["path"]))
+            path, open_error = Path(msg["path"]), None
             try:
-                state["writer"] = Mp4Writer(msg["path"], msg["width"], msg["height"], x264_params=msg.get("x264_params"))
+                stream = Mp4Thread(path, msg["width"], msg["height"], x264_params=msg.get("x264_params"))
             except BaseException as exc:
-                state["error"], state["writer"] = f"{type(exc).__name__}: {exc}", None
-            encoder = threading.Thread(target=encode, name="encode", daemon=True)
-            encoder.start()
+                stream, open_error = None, f"{type(exc).__name__}: {exc}"
         elif op in ("finish", "abort"):
-            if encoder is not None:
-                jobs.put(None)
-                encoder.join()
-                encoder = None
-            writer = state.pop("writer", None)
-            start = time.perf_counter()
-            if writer is not None:
-                try:
-                    writer.close()
-                except BaseException as exc:
-                    state["error"] = state.get("error") or f"{type(exc).__name__}: {exc}"
-            state["busy"] = state.get("busy", 0.0) + time.perf_counter() - start
-            if op == "abort" or state.get("error") is not None:
-                if state.get("path") is not None:
-                    state["path"].unlink(missing_ok=True)
-            if op == "abort":
+            current, stream = stream, None
+            if current is None:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                _send(out, {"ok": True} if op == "abort" else {"ok": False, "error": open_error or "no video open"})
+            elif op == "abort":
+                current.abort()
                 _send(out, {"ok": True})
-            elif state.get("error") is not None:
-                _send(out, {"ok": False, "error": state["error"]})
             else:
-                _send(out, {"ok": True, "busy": state["busy"]})
+                try:
+                    current.finish()
+                except BaseException as exc:  # the file is removed
+                    _send(out, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                else:
+                    _send(out, {"ok": True, "busy": current.busy})
         elif op == "stop":
             return 0
 

@@ -34,7 +34,6 @@ and call `VideoPipeline(preset, text_encoder=..., vae=..., experts=..., device=.
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import tempfile
 import threading
@@ -177,58 +176,6 @@ class _StepClock:
         return [b - a for a, b in pairs]
 
 
-class _Mp4Thread:
-    """Encodes uint8 frame chunks to an MP4 on a background thread while the caller decodes more.
-    `finish()` flushes and closes the file (faststart) and returns its path; `abort()` removes it."""
-
-    def __init__(self, path: Path, width: int, height: int, x264_params: Optional[str] = None):
-        from .video import Mp4Writer
-
-        self.path = Path(path)
-        self._writer = Mp4Writer(self.path, width, height, x264_params=x264_params)
-        self._queue: queue.Queue = queue.Queue()
-        self.error: Optional[BaseException] = None
-        self.busy = 0.0  # seconds the thread spent encoding
-        self._thread = threading.Thread(target=self._run, name="mp4-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, str):  # "finish" or "abort"
-                break
-            if self.error is not None:
-                continue
-            start = time.perf_counter()
-            try:
-                self._writer.write(item)
-            except BaseException as exc:  # reported by finish()
-                self.error = exc
-            self.busy += time.perf_counter() - start
-        start = time.perf_counter()
-        try:
-            self._writer.close()
-        except BaseException as exc:
-            self.error = self.error or exc
-        self.busy += time.perf_counter() - start
-
-    def put(self, frames: np.ndarray) -> None:
-        self._queue.put(frames)
-
-    def finish(self) -> Path:
-        self._queue.put("finish")
-        self._thread.join()
-        if self.error is not None:
-            self.path.unlink(missing_ok=True)
-            raise self.error
-        return self.path
-
-    def abort(self) -> None:
-        self._queue.put("abort")
-        self._thread.join()
-        self.path.unlink(missing_ok=True)
-
-
 def _preview_writer(num_frames: int, paths: dict[str, Path], variants: Sequence[str]):
     """A `video.PreviewWriter` for the thumbnail and spritesheet among `variants`, or None if neither is wanted."""
     if not any(v in variants for v in ("thumbnail", "spritesheet")):
@@ -252,7 +199,7 @@ _BT709 = (0.2126, 0.7152, 0.0722)
 def _yuv420_planes(u8: torch.Tensor) -> torch.Tensor:
     """uint8 RGB frames [t,H,W,3] -> uint8 I420 frames [t, H*3/2, W] (video.Yuv420Frames): BT.709, limited
     range (Y 16-235, U/V 16-240), chroma the mean of each 2x2 block (the encoder's colour settings), computed
-    where the frames are (the GPU), so the MP4 encoder thread does no colour conversion."""
+    where the frames are (the GPU), so the MP4 encoder does no colour conversion."""
     t, h, w, _ = u8.shape
     rgb = u8.permute(0, 3, 1, 2).float() * (1.0 / 255.0)  # [t,3,H,W]
     kr, kg, kb = _BT709
@@ -744,7 +691,9 @@ class VideoPipeline:
         """The streaming MP4 writer of one video: on the helper process (`mp4_encoder="process"`, see
         mp4_encoder.py) or on a thread of this process."""
         if self.mp4_encoder == "thread":
-            return _Mp4Thread(path, width, height)
+            from .video import Mp4Thread
+
+            return Mp4Thread(path, width, height)
         if self._encoder_process is None:
             import weakref
 
@@ -774,7 +723,7 @@ class VideoPipeline:
                            w * cfg.spatial_factor, 3), dtype=np.uint8)
         cuda = latent.device.type == "cuda"
         filled = 0
-        pending = None  # (host uint8 tensor, event) of the chunk before the current one
+        pending = None  # (host uint8 RGB, host I420 or None, event) of the chunk before the current one
         decoded = 0  # pixel frames the VAE has produced so far
 
         def land(host: torch.Tensor, yuv: Optional[torch.Tensor], event) -> None:
@@ -786,16 +735,15 @@ class VideoPipeline:
             if mp4 is not None:
                 first = 1 if skip_first and filled == 0 else 0
                 if n > first:
-                    mp4.put(frames[filled + first:filled + n] if yuv is None else Yuv420Frames(yuv.numpy()[first:]))
+                    mp4.put(Yuv420Frames(yuv.numpy()[first:]))
             if previews is not None:
                 previews.add(frames[filled:filled + n], filled)
             filled += n
 
-        # the MP4 writer (thread or helper process) takes I420 frames converted here, on the GPU
-        to_yuv = mp4 is not None
         for chunk in self.vae.decode_iter(latent.to(self.vae_dtype)):
             u8 = _uint8_frames(chunk)
-            yuv = _yuv420_planes(u8) if to_yuv else None
+            # the MP4 writer (thread or helper process) takes I420 frames converted here, on the GPU
+            yuv = _yuv420_planes(u8) if mp4 is not None else None
             if cuda:
                 host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
                 host.copy_(u8, non_blocking=True)

@@ -9,6 +9,9 @@ the stream so every player converts YUV back to RGB the same way.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -61,8 +64,8 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 class Yuv420Frames:
     """Frames already in the encoder's pixel format: uint8 [T, H*3/2, W], each frame its Y plane followed by
     its U and V planes (I420, BT.709, limited range), the layout `av.VideoFrame.from_ndarray(..., "yuv420p")`
-    takes. The pipeline converts on the GPU (`pipeline._yuv420_planes`), so the encoder thread skips
-    swscale's RGB conversion."""
+    takes. The pipeline converts on the GPU (`pipeline._yuv420_planes`), so the encoder skips swscale's RGB
+    conversion."""
 
     def __init__(self, planes: np.ndarray) -> None:
         if planes.dtype != np.uint8 or planes.ndim != 3 or planes.shape[1] % 6 or planes.shape[2] % 2:
@@ -154,6 +157,58 @@ class Mp4Writer:
             self.close()
         finally:
             self.path.unlink(missing_ok=True)
+
+
+class Mp4Thread:
+    """An `Mp4Writer` on a background thread: `put` chunks of frames (RGB or `Yuv420Frames`) as they are
+    decoded and the caller goes on; `finish()` flushes and closes the file (faststart) and returns its path,
+    raising what encoding raised (the file removed); `abort()` removes it. `busy`: seconds spent encoding.
+    The pipeline's thread writer, and the encoder inside the helper process (mp4_encoder.py)."""
+
+    def __init__(self, path: PathLike, width: int, height: int, x264_params: Optional[str] = None):
+        self.path = Path(path)
+        self._writer = Mp4Writer(self.path, width, height, x264_params=x264_params)
+        self._queue: queue.Queue = queue.Queue()
+        self.error: Optional[BaseException] = None
+        self.busy = 0.0
+        self._thread = threading.Thread(target=self._run, name="mp4-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, str):  # "finish" or "abort"
+                break
+            if self.error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                self._writer.write(item)
+            except BaseException as exc:  # reported by finish()
+                self.error = exc
+            self.busy += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            self._writer.close()
+        except BaseException as exc:
+            self.error = self.error or exc
+        self.busy += time.perf_counter() - start
+
+    def put(self, frames: Union[np.ndarray, Yuv420Frames]) -> None:
+        self._queue.put(frames)
+
+    def finish(self) -> Path:
+        self._queue.put("finish")
+        self._thread.join()
+        if self.error is not None:
+            self.path.unlink(missing_ok=True)
+            raise self.error
+        return self.path
+
+    def abort(self) -> None:
+        self._queue.put("abort")
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
 
 
 def write_mp4(frames: np.ndarray, path: PathLike, fps: int = FPS, crf: int = 18, preset: str = "veryfast") -> Path:
