@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -223,27 +223,31 @@ class CausalConv3d(nn.Conv3d):
             self.in_channels <= self.tap_split_max_channels and self.stride[0] == 1 and x.shape[0] == 1 and _fusable(x)
         )
 
+    def _from_weight(self, name: str, make: Callable[[torch.Tensor], Any]) -> Any:
+        """make(weight), kept under `name` until the weight changes (its storage, version or dtype): the
+        weight layouts the fused path's convolutions read are made once, not on every call."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        cached = getattr(self, name, None)
+        if cached is None or cached[0] != key:
+            cached = (key, make(self.weight))
+            setattr(self, name, cached)
+        return cached[1]
+
     def _tap_weights(self) -> list[torch.Tensor]:
         """Each temporal tap's [O, C, kh, kw] weight, channels-last (else the 2D convolution would fall back
-        to NCHW and convert its whole input); made once per weight tensor, not on every call."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        cached = getattr(self, "_taps_cache", None)
-        if cached is None or cached[0] != key:
-            taps = [self.weight[:, :, k].contiguous(memory_format=torch.channels_last)
-                    for k in range(self.kernel_size[0])]
-            self._taps_cache = cached = (key, taps)
-        return cached[1]
+        to NCHW and convert its whole input)."""
+        return self._from_weight("_taps_cache", lambda weight: [
+            weight[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(self.kernel_size[0])])
 
     def _stacked_weight(self) -> torch.Tensor:
         """The weight as one 2D conv's over stacked taps: [O, taps*C, kh, kw], channel block k = tap k,
-        channels-last; made once per weight tensor."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        cached = getattr(self, "_stacked_cache", None)
-        if cached is None or cached[0] != key:
-            o, c, taps, kh, kw = self.weight.shape
-            stacked = self.weight.permute(0, 2, 1, 3, 4).reshape(o, taps * c, kh, kw)
-            self._stacked_cache = cached = (key, stacked.contiguous(memory_format=torch.channels_last))
-        return cached[1]
+        channels-last."""
+        def stack(weight: torch.Tensor) -> torch.Tensor:
+            o, c, taps, kh, kw = weight.shape
+            return weight.permute(0, 2, 1, 3, 4).reshape(o, taps * c, kh, kw).contiguous(
+                memory_format=torch.channels_last)
+
+        return self._from_weight("_stacked_cache", stack)
 
     def _conv_stacked(self, norm: "RMSNorm", x: torch.Tensor, cache: CausalCache, in_bias: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
