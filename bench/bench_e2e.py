@@ -240,6 +240,7 @@ class Bench:
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
+            "memory_cap_gb": args.memory_cap_gb,
             "attention": self.cfg["attention"],
             "quant": self.cfg["quant"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -766,10 +767,19 @@ def main() -> int:
     ap.add_argument("--attention", default=None, choices=["sla", "sagesla", "auto", "original"],
                     help="attention backend of the pipelines (default sla, our Triton kernel; auto: what a worker "
                          "picks by default)")
+    ap.add_argument("--memory-cap-gb", type=float, default=None,
+                    help="let this process use at most this many GB (10^9 bytes) of the GPU, as if the card were "
+                         "that small (torch.cuda.set_per_process_memory_fraction): a run that finishes fits")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
+    if args.memory_cap_gb is not None and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        if args.memory_cap_gb * 1e9 > total:
+            print(f"--memory-cap-gb {args.memory_cap_gb} is more than the GPU's {total / 1e9:.1f} GB", file=sys.stderr)
+            return 2
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 1e9 / total)
     # Global backend switches as the worker sets them: no TF32; cuDNN's algorithm search only when
     # TD_CUDNN_BENCHMARK asks for it (worker.residency.EngineOptions, as the VAE's frames per pass).
     torch.backends.cudnn.benchmark = torch.cuda.is_available() and WORKER_OPTIONS.decode_args["cudnn_benchmark"]

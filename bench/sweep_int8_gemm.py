@@ -46,6 +46,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8_gemm_sweep.json")
     ap.add_argument("--shapes", default="ffn_up,ffn_down,qkvo")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop trying tiles after this long")
+    ap.add_argument("--kernels", default="pointer,tma,tma-persistent",
+                    help="GEMM kernels (quant/rowcol_kernels.GEMM_KERNELS) to time autotuned, beside the tile sweep")
+    ap.add_argument("--no-tiles", action="store_true", help="skip the pointer kernel's tile sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_int8_gemm.py needs a CUDA GPU", file=sys.stderr)
@@ -82,16 +85,31 @@ def main() -> int:
             "m_k_n": [m, k, n],
             "bf16_linear_ms": bench(lambda: F.linear(x, w, bias)),
             "fp8_scaled_mm_ms": bench(lambda: fp8_matmul(xf, xs, wf, wfs, bias)),
-            "autotuned_int8_ms": bench(lambda: rk.int8_rowcol_matmul(aq, as_, wq, ws, bias)),
+            "autotuned_int8_ms": bench(lambda: rk.int8_rowcol_matmul(aq, as_, wq, ws, bias, kernel="pointer")),
             "autotuned_choice": {str(key): str(cfg) for key, cfg in getattr(rk._int8_rowcol_gemm_kernel, "cache", {}).items()},
         }
+        # each GEMM kernel autotuned, alone and as the whole linear (row quantizer + GEMM), rel. err vs pointer
+        ref_out = rk.int8_rowcol_matmul(aq, as_, wq, ws, bias, kernel="pointer")
+        for gemm in args.kernels.split(","):
+            try:
+                got = rk.int8_rowcol_matmul(aq, as_, wq, ws, bias, kernel=gemm)
+                row[f"{gemm}_gemm_ms"] = bench(lambda: rk.int8_rowcol_matmul(aq, as_, wq, ws, bias, kernel=gemm))
+                row[f"{gemm}_linear_ms"] = bench(lambda: rk.int8_rowcol_linear(x, wq, ws, bias)
+                                                 if gemm == "pointer" else
+                                                 rk.int8_rowcol_matmul(*rk.quantize_rows_int8(x), wq, ws, bias,
+                                                                       kernel=gemm))
+                row[f"{gemm}_rel_err_vs_pointer"] = float((got.float() - ref_out.float()).norm() / ref_out.float().norm())
+                row[f"{gemm}_linear_speedup_vs_bf16"] = round(row["bf16_linear_ms"] / row[f"{gemm}_linear_ms"], 3)
+            except Exception as e:
+                row[f"{gemm}_error"] = f"{type(e).__name__}: {e}"[:300]
+        row["tma_choice"] = {str(key): str(cfg) for key, cfg in getattr(rk._int8_rowcol_gemm_tma_kernel, "cache", {}).items()}
         try:
             wt = wq.t()  # [K, N] column-major: the weight as stored, what cuBLASLt's int8 path wants
             row["torch_int_mm_ms"] = bench(lambda: torch._int_mm(aq, wt))
         except Exception as e:
             row["torch_int_mm_error"] = f"{type(e).__name__}: {e}"[:300]
         tiles_ms = []
-        for bm, bn, bk, warps, stages in tiles:
+        for bm, bn, bk, warps, stages in ([] if args.no_tiles else tiles):
             if time.monotonic() - started > args.budget_s:
                 row["stopped_early"] = True
                 break

@@ -99,6 +99,41 @@ def test_rowcol_gemm_equals_reference(rows, inner, outer):
 
 
 @on_cpu
+@pytest.mark.parametrize("kernel", ["tma", "tma-persistent"])
+@pytest.mark.parametrize("rows, inner, outer", [(200, 256, 192), (70, 64, 48), (130, 320, 200)])
+def test_tma_gemm_equals_reference(kernel, rows, inner, outer):
+    """The TMA kernels (descriptor loads read zeros past M, N, K; the store skips them): equal bits too."""
+    x = activations(rows, inner, dtype=torch.float32)
+    weight, bias = weights(outer, inner)
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    q_act, a_scale = rk.quantize_rows_int8(x)
+    ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+    out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32, kernel=kernel)
+    assert torch.equal(out, ref)
+    no_bias = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, out_dtype=torch.float32, kernel=kernel)
+    assert rel_err(no_bias, ref - bias.float()) < 1e-5
+
+
+@on_cpu
+def test_gemm_kernel_choice(monkeypatch):
+    """TD_INT8_GEMM picks the kernel; rows TMA cannot address (not 16-byte multiples) take the pointer one."""
+    x = activations(33, 100, dtype=torch.float32)  # K = 100 bytes a row: no TMA
+    weight, bias = weights(40, 100)
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    q_act, a_scale = rk.quantize_rows_int8(x)
+    ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+    for name in rk.GEMM_KERNELS:
+        monkeypatch.setenv("TD_INT8_GEMM", name)
+        assert rk.default_gemm_kernel() == name
+        assert torch.equal(rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32), ref)
+    monkeypatch.setenv("TD_INT8_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="TD_INT8_GEMM"):
+        rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias)
+    with pytest.raises(ValueError, match="kernel"):
+        rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, kernel="cutlass")
+
+
+@on_cpu
 def test_every_autotune_config_gives_the_same_result(monkeypatch):
     """The interpreter launches an autotuned kernel with its first config; here each config in turn."""
     from turbodiffusion_core.quant import kernels as qk
@@ -118,8 +153,15 @@ def test_every_autotune_config_gives_the_same_result(monkeypatch):
         ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
         for config in rk.GEMM_CONFIGS:
             monkeypatch.setattr(rk._int8_rowcol_gemm_kernel, "config", config)
-            out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32)
+            out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32,
+                                        kernel="pointer")
             assert torch.equal(out, ref), config
+        for config in rk.TMA_GEMM_CONFIGS:  # the pre-hook sets each config's descriptor blocks
+            monkeypatch.setattr(rk._int8_rowcol_gemm_tma_kernel, "config", config)
+            for kernel in ("tma", "tma-persistent"):
+                out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, out_dtype=torch.float32,
+                                            kernel=kernel)
+                assert torch.equal(out, ref), (kernel, config)
         q_tiles, tile_scale = quantize_tile_int8(weight)
         q_act, act_scale = quantize_tile_int8(x)
         ref = w8a8_tile_reference(x, q_tiles, tile_scale, bias)
@@ -232,3 +274,20 @@ def test_gpu_rowcol_matches_reference_and_both_kernels_run(monkeypatch):
         assert {k: (v.dtype, v.shape) for k, v in layer.state_dict().items()} == {
             k: (v.dtype, v.shape) for k, v in state.items()
         }
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["tma", "tma-persistent"])
+def test_gpu_tma_gemm_matches_pointer_gemm(kernel):
+    """Fresh random operands at a ragged realistic shape: the TMA kernels against the pointer kernel and the
+    reference (the same float steps; FMA contraction may move a last bit)."""
+    x = activations(1000 + 37, 1536, device="cuda", seed=int(torch.randint(0, 2**31, ())))
+    weight, bias = weights(1024 + 8, 1536, device="cuda")
+    q_weight, w_scale = quantize_int8_rowwise(weight)
+    q_act, a_scale = rk.quantize_rows_int8(x)
+    ref = w8a8_rowcol_reference(x, q_weight, w_scale, bias)
+    pointer = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, kernel="pointer")
+    out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, kernel=kernel)
+    print(kernel, dict(vs_pointer=rel_err(out, pointer), vs_reference=rel_err(out, ref)))
+    assert rel_err(out, pointer) < 1e-6 and rel_err(out, ref) < 1e-2

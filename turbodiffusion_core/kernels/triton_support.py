@@ -59,6 +59,8 @@ class _FirstConfig:
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         def launch(*args: Any, **kwargs: Any) -> Any:
+            if self.config.pre_hook is not None:  # as triton.autotune does before a launch
+                self.config.pre_hook({**dict(zip(self.kernel.arg_names, args)), **kwargs, **self.config.kwargs})
             return self.kernel[grid](*args, **self.config.kwargs, **kwargs)
 
         return launch

@@ -195,12 +195,17 @@ def _int32_to_float32(i):
 def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program in grouped order: GROUP_M row tiles in a row share their weight
     column tiles while those are in L2. Shared by the int8 GEMMs (tile here, rowcol in rowcol_kernels.py)."""
-    pid = tl.program_id(0)
+    return _grouped_tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _grouped_tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number `tile` in grouped order (a persistent kernel's tiles)."""
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
+    first_m = (tile // group) * GROUP_M
     group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % group) % group_rows, (pid % group) // group_rows
+    return first_m + (tile % group) % group_rows, (tile % group) // group_rows
 
 
 @triton.jit

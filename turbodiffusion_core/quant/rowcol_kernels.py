@@ -23,17 +23,24 @@ K steps (128-256) make the waits rarer. The autotuner chooses per (M, N, K).
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.4); without them only the pointer GEMM exists
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 from turbodiffusion_core.kernels.jit_math import rint
 from turbodiffusion_core.kernels.triton_support import autotune
 from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _gelu_amax, _gelu_extremes,
-                                                _gelu_extremes_init, _grouped_tile, _load_k_step, _load_row_chunk,
-                                                _store_tile)
+                                                _gelu_extremes_init, _grouped_tile, _grouped_tile_of, _load_k_step,
+                                                _load_row_chunk, _store_tile)
 from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR, MAX_K
 
 
@@ -146,6 +153,124 @@ def _int8_rowcol_gemm_kernel(
     _store_tile(out, c_ptr, bias_ptr, offs_m, offs_n, safe_n, M, N, stride_cm, HAS_BIAS)
 
 
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook: the descriptors' block shapes follow the configuration being launched."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+TMA_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                  pre_hook=_tma_block_shapes)
+    for bm, bn, bk, w, s in (
+        (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 4, 5), (128, 128, 128, 8, 4),
+        (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 256, 8, 3),
+    )
+]
+
+
+@triton.jit
+def _tma_gemm_tile(
+    tile, a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, c_desc, M, N, K, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One output tile of the TMA GEMM: the same sums and epilogue as `_int8_rowcol_gemm_kernel`."""
+    pid_m, pid_n = _grouped_tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for kt in tl.range(0, tl.cdiv(K, BLOCK_K)):  # past K (and past M, N) the descriptors read zeros
+        a = a_desc.load([off_m, kt * BLOCK_K])
+        w = w_desc.load([off_n, kt * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_desc.store([off_m, off_n], out.to(c_desc.dtype))  # rows and columns past M, N are not written
+
+
+@autotune(configs=TMA_GEMM_CONFIGS, key=["M", "N", "K", "PERSISTENT"])
+@triton.jit
+def _int8_rowcol_gemm_tma_kernel(
+    a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, c_desc,
+    M, N, K, num_programs,
+    HAS_BIAS: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """`_int8_rowcol_gemm_kernel` with operands and output moved by TMA (Hopper's tensor memory accelerator):
+    one program per output tile, or with PERSISTENT `num_programs` programs walking the tiles (grid-stride,
+    grouped order) so that one tile's epilogue overlaps the next tile's first loads."""
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
+            _tma_gemm_tile(tile, a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, c_desc, M, N, K, HAS_BIAS,
+                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _tma_gemm_tile(tl.program_id(0), a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, c_desc, M, N, K,
+                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+GEMM_KERNELS = ("pointer", "tma", "tma-persistent")
+GEMM_KERNEL_ENV = "TD_INT8_GEMM"
+"""Which int8 GEMM `int8_rowcol_matmul` runs: "pointer" (the default: pointer loads, any CUDA GPU), "tma" or
+"tma-persistent" (TMA descriptors; Hopper and newer, else the pointer kernel runs)."""
+
+
+def default_gemm_kernel() -> str:
+    name = os.environ.get(GEMM_KERNEL_ENV, "pointer").strip().lower() or "pointer"
+    if name not in GEMM_KERNELS:
+        raise ValueError(f"{GEMM_KERNEL_ENV}={name!r}: expected one of {', '.join(GEMM_KERNELS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=8)
+def _tma_capable(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if device.type == "cpu":  # the interpreter emulates descriptors
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_usable(q_act: torch.Tensor, q_weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base addresses and row strides."""
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (q_act, q_weight, out))
+    return aligned and _tma_capable(q_act.device)
+
+
+def _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persistent: bool) -> None:
+    rows, inner = q_act.shape
+    out_features = q_weight.shape[0]
+    # placeholder block shapes: the autotuner's pre-hook sets each configuration's
+    a_desc = TensorDescriptor.from_tensor(q_act, [128, 128])
+    w_desc = TensorDescriptor.from_tensor(q_weight, [128, 128])
+    c_desc = TensorDescriptor.from_tensor(out, [128, 128])
+    programs = _num_sms(q_act.device) if persistent else 0
+
+    def grid(meta):
+        tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
+        return (min(tiles, programs) if persistent else tiles,)
+
+    _int8_rowcol_gemm_tma_kernel[grid](
+        a_desc, act_scale, w_desc, weight_scale, bias if bias is not None else act_scale, c_desc,
+        rows, out_features, inner, programs,
+        HAS_BIAS=bias is not None, PERSISTENT=persistent,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def quantize_rows_int8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (int8 [M, K], float32 scale [M]): `quantize_int8_rowwise` of act(x), M = x.numel() / K."""
     gelu = _check_activation(act)
@@ -165,8 +290,15 @@ def int8_rowcol_matmul(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    kernel: Optional[str] = None,
 ) -> torch.Tensor:
-    """int8 [M, K] (row scales [M]) x int8 [N, K]^T (channel scales [N]) (+ bias [N]) -> [M, N] in out_dtype."""
+    """int8 [M, K] (row scales [M]) x int8 [N, K]^T (channel scales [N]) (+ bias [N]) -> [M, N] in out_dtype.
+
+    `kernel`: one of GEMM_KERNELS (default: TD_INT8_GEMM, else "pointer"); the TMA ones fall back to the
+    pointer kernel where TMA cannot run (before Hopper, unaligned rows)."""
+    kernel = kernel or default_gemm_kernel()
+    if kernel not in GEMM_KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(GEMM_KERNELS)}")
     rows, inner = q_act.shape
     out_features = q_weight.shape[0]
     if q_weight.shape[1] != inner or act_scale.numel() != rows or weight_scale.numel() != out_features:
@@ -177,6 +309,9 @@ def int8_rowcol_matmul(
     act_scale = act_scale.reshape(-1).float().contiguous()
     weight_scale = weight_scale.reshape(-1).float().contiguous()
     out = torch.empty(rows, out_features, dtype=out_dtype, device=q_act.device)
+    if kernel != "pointer" and _tma_usable(q_act, q_weight, out):
+        _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persistent=kernel == "tma-persistent")
+        return out
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)  # noqa: E731
     _int8_rowcol_gemm_kernel[grid](
         q_act, act_scale, q_weight, weight_scale, bias if bias is not None else act_scale, out,
@@ -201,4 +336,4 @@ def int8_rowcol_linear(
     return out.reshape(*x.shape[:-1], q_weight.shape[0])
 
 
-__all__ = ["int8_rowcol_linear", "int8_rowcol_matmul", "quantize_rows_int8"]
+__all__ = ["GEMM_KERNELS", "default_gemm_kernel", "int8_rowcol_linear", "int8_rowcol_matmul", "quantize_rows_int8"]
