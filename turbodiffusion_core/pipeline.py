@@ -33,6 +33,7 @@ and call `VideoPipeline(preset, text_encoder=..., vae=..., experts=..., device=.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import tempfile
@@ -359,6 +360,24 @@ class VideoPipeline:
             self._graphed = {name: GraphedForward(fn, pool=pool, name=name) for name, fn in self._forward.items()}
             log.info("DiT forward replayed from CUDA graphs (captured on the second call of each input shape)")
 
+    def disable_cuda_graphs(self, reason: str) -> None:
+        """Run the DiT eagerly from now on and give the graphs' memory back to the device."""
+        if not self.cuda_graphs:
+            return
+        log.warning("CUDA graphs off: %s", reason)
+        for graphed in self._graphed.values():
+            graphed.reset()
+        self._graphed = {}
+        self.cuda_graphs = False
+        self.cuda_graphs_off_reason = reason
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _graphs_off_text(self) -> str:
+        reason = getattr(self, "cuda_graphs_off_reason", None)
+        return f"off: {reason}" if reason else "off"
+
     def _dit(self, name: str):
         """The callable that runs expert `name`'s forward: its CUDA-graph wrapper while the experts stay
         resident (weights that move would leave a graph reading their old place), else the forward."""
@@ -507,7 +526,8 @@ class VideoPipeline:
             "text_encoder": self.text_encoder_placement,
             "text_encoder_reason": self.text_encoder_reason,
             "compile": str(self.compile_dit) if self.compile_dit else "off",
-            "cuda_graphs": ({name: g.stats() for name, g in self._graphed.items()} if self.cuda_graphs else "off"),
+            "cuda_graphs": ({name: g.stats() for name, g in self._graphed.items()} if self.cuda_graphs
+                            else self._graphs_off_text()),
             "mp4_encoder": self.mp4_encoder,
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
         }
@@ -885,8 +905,18 @@ class VideoPipeline:
         autotuning, cuDNN plans, torch.compile and the MP4 encoder are ready before the first request."""
         req, image = self.warmup_request(steps)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
-            result = self.generate(req, image=image, output_dir=folder)
+        try:
+            with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
+                result = self.generate(req, image=image, output_dir=folder)
+        except torch.OutOfMemoryError:
+            if not self.cuda_graphs:
+                raise
+            # A graph keeps its activations in its own memory pool, which the VAE decode cannot borrow: on a
+            # card with room for the eager forward and the decode but not for both at once, run eagerly.
+            self.disable_cuda_graphs("out of GPU memory in the warm-up with them (their pool is not shared "
+                                     "with the VAE decode)")
+            with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
+                result = self.generate(req, image=image, output_dir=folder)
         self.warmup_seconds = time.perf_counter() - start
         log.info("%s warmed up in %.1f s (%s)", self.preset.id, self.warmup_seconds,
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
