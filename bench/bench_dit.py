@@ -162,6 +162,7 @@ def main() -> int:
     result = {
         "what": "one DiT forward, batch 1, 81 frames, random weights, bf16 activations",
         "command": "python " + " ".join(sys.argv),
+        "engine_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TD_")},
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,

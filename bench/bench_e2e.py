@@ -242,6 +242,7 @@ class Bench:
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
             "memory_cap_gb": args.memory_cap_gb,
+            "engine_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TD_")},
             "attention": self.cfg["attention"],
             "quant": self.cfg["quant"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -547,9 +548,11 @@ class Bench:
             c["t2v14_preset"], text_encoder=text_encoder_from(t5, self.workdir), vae=vae, experts={"dit": dit},
             device=torch.device(c["device"]), dtype=c["dtype"], attention=c["attention"], quant=c["quant"],
             **PIPE_OPTIONS)
+        reset_peak()
         start = time.perf_counter()
         out["warmup_timings"] = pipe.warmup()
         out["warmup_s"] = round(time.perf_counter() - start, 2)
+        out["warmup_peak"] = peak()
         self.save()
         runs = []
         reset_peak()
@@ -564,6 +567,7 @@ class Bench:
         out.update({
             "size": c["t2v14_size"], "frames": c["frames"], "steps": 4, "attention": c["attention"], "sla_topk": 0.10,
             "quant": c["quant"], "text_encoder": pipe.info().get("text_encoder"),
+            "cuda_graphs": pipe.info().get("cuda_graphs"),
             "to_mp4_s_all": [round(r["to_mp4_s"], 3) for r in runs],
             "to_mp4_s_median": med([r["to_mp4_s"] for r in runs]),
             "stage_median_s": median_timings([r["timings"] for r in runs]),
