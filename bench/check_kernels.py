@@ -197,6 +197,7 @@ def check_sla(report: Report, tokens: int) -> None:
         prep_ms = bench_ms(lambda: st.sla_prepare(q, k, v, topk, with_linear=True))
         attend_ms = bench_ms(lambda: st.sla_attend(q, k, v, prep, proj.weight, proj.bias))
         report.add(Row("sla", f"{name} block map only", label, ms=map_ms, gating=False))
+        _check_select(report, name, label, (q, k, v), topk, proj, sdpa_ms)
         report.add(Row("sla", f"{name} prep (block map + linear KV)", label, ms=prep_ms, gating=False))
         report.add(Row("sla", f"{name} attention kernel (sparse + linear + proj_l)", label, ms=attend_ms, gating=False))
 
@@ -213,6 +214,37 @@ def check_sla(report: Report, tokens: int) -> None:
         "attn": {str(key): str(cfg) for key, cfg in getattr(st._sla_attn_kernel, "cache", {}).items()},
         "prep": {str(key): str(cfg) for key, cfg in getattr(st._sla_prep_kernel, "cache", {}).items()},
     }
+
+
+def _check_select(report: Report, name: str, label: str, qkv, topk: float, proj, sdpa_ms: float) -> None:
+    """The block selection alone, torch.topk + sort vs the fused kernel (TD_SLA_SELECT), and the whole op with
+    the fused one."""
+    import os
+
+    from turbodiffusion_core.attention import sla_triton as st
+    from turbodiffusion_core.attention.sla_reference import sla_topk_count
+
+    q = qkv[0]
+    heads, nq, nk = q.shape[0] * q.shape[2], math.ceil(q.shape[1] / 128), math.ceil(q.shape[1] / 64)
+    scores = torch.randn(heads, nq, nk, device="cuda")
+    keep = sla_topk_count(topk, nk)
+    torch_ms = bench_ms(lambda: st.select_blocks(scores, keep, "torch"))
+    fused_ms = bench_ms(lambda: st.select_blocks(scores, keep, "fused"))
+    same = torch.equal(st.select_blocks(scores, keep, "fused"), st.select_blocks(scores, keep, "torch"))
+    report.add(Row("sla", f"{name} block selection, fused kernel vs torch.topk + sort", f"{heads}x{nq}x{nk}",
+                   ms=fused_ms, baseline="torch", baseline_ms=torch_ms, gating=True, ok=same,
+                   note=f"same blocks: {same}"))
+    old = os.environ.get(st.SELECT_ENV)
+    os.environ[st.SELECT_ENV] = "fused"
+    try:
+        total_ms = bench_ms(lambda: st.sla_triton(*qkv, proj_l=proj, topk=topk))
+    finally:
+        if old is None:
+            os.environ.pop(st.SELECT_ENV)
+        else:
+            os.environ[st.SELECT_ENV] = old
+    report.add(Row("sla", f"{name} whole op with the fused selection", label, ms=total_ms, baseline="sdpa",
+                   baseline_ms=sdpa_ms, gating=False, note=f"speedup {sdpa_ms / total_ms:.2f}x (target >= 6x)"))
 
 
 def check_sagesla(report: Report, q, k, v, proj, sdpa_ms: float, label: str) -> None:

@@ -43,6 +43,40 @@ def test_block_map_matches_reference(length, topk):
 
 
 @on_cpu
+@pytest.mark.parametrize("keep", [1, 64, 200])
+def test_fused_select_equals_topk_then_sort(keep):
+    """Continuous random scores (no ties): the kernel keeps exactly torch.topk's blocks, ascending."""
+    scores = torch.randn(2, 9, 200, generator=torch.Generator().manual_seed(keep))  # 18 rows: two programs
+    fused = sla.select_blocks(scores, keep, "fused")
+    torch_lut = sla.select_blocks(scores, keep, "torch")
+    assert fused.dtype == torch.int32 and fused.shape == (2, 9, keep)
+    assert torch.equal(fused, torch_lut)
+
+
+@on_cpu
+def test_fused_select_with_ties_keeps_exactly_k_of_the_largest():
+    scores = torch.randint(0, 5, (2, 8, 100), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    keep = 30
+    fused = sla.select_blocks(scores, keep, "fused").long()
+    assert torch.all(fused[..., 1:] > fused[..., :-1])  # ascending, distinct
+    kept_scores = scores.gather(-1, fused).sort(dim=-1).values
+    best = scores.topk(keep, dim=-1).values.sort(dim=-1).values
+    assert torch.equal(kept_scores, best)  # the same scores as torch.topk keeps (ties broken by index)
+
+
+@on_cpu
+def test_block_map_with_the_fused_select(monkeypatch):
+    monkeypatch.setenv("TD_SLA_SELECT", "fused")
+    q, k, v = qkv(2, 300, 2, 32)
+    prep = sla.sla_prepare(q, k, v, 0.5, with_linear=False)
+    ref = sla_block_map(q.transpose(1, 2), k.transpose(1, 2), 0.5).sort(dim=-1).values
+    assert torch.equal(prep.lut.view(ref.shape).long(), ref)
+    monkeypatch.setenv("TD_SLA_SELECT", "radix")
+    with pytest.raises(ValueError, match="TD_SLA_SELECT"):
+        sla.sla_prepare(q, k, v, 0.5, with_linear=False)
+
+
+@on_cpu
 def test_linear_state_matches_direct_formula():
     q, k, v = qkv(1, 200, 2, 32)
     prep = sla.sla_prepare(q, k, v, 0.5, with_linear=True)
@@ -115,6 +149,16 @@ def test_rejects_unsupported_shapes():
         sla.sla_triton(q, k, v)
     with pytest.raises(ValueError, match="shape"):
         sla.sla_triton(q, k[:, :32], v)
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, q_blocks, k_blocks, keep", [(12, 256, 512, 51), (40, 591, 1182, 118)])
+def test_gpu_fused_select_equals_topk(heads, q_blocks, k_blocks, keep):
+    """At the 480p 1.3B and 720p 14B map shapes, fresh random scores: the same blocks as torch.topk."""
+    scores = torch.randn(heads, q_blocks, k_blocks, device="cuda")
+    fused = sla.select_blocks(scores, keep, "fused")
+    assert torch.equal(fused, sla.select_blocks(scores, keep, "torch"))
 
 
 @on_gpu

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,7 +40,7 @@ import triton.language as tl
 from torch import nn
 
 from turbodiffusion_core.attention.sla_reference import BLKK, BLKQ, LINEAR_EPS, sla_topk_count
-from turbodiffusion_core.kernels.triton_support import autotune
+from turbodiffusion_core.kernels.triton_support import autotune, kernels_usable
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -251,6 +252,52 @@ def _sla_linear_add_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _sla_select_kernel(scores_ptr, lut_ptr, num_rows, num_kblocks, keep, ROWS: tl.constexpr, NK_PAD: tl.constexpr):
+    """Grid cdiv(num_rows, ROWS). Per row of block scores: the indices of its `keep` largest, ascending.
+
+    The keep-th largest score comes from a bitonic sort of the row; every score above it is kept, and of the
+    scores equal to it the first ones (by index) up to `keep` in all. Positions in the output row are a running
+    count of the kept columns, so the indices come out sorted without a second sort."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    cols = tl.arange(0, NK_PAD)
+    valid = row_ok[:, None] & (cols < num_kblocks)[None, :]
+    s = tl.load(scores_ptr + rows.to(tl.int64)[:, None] * num_kblocks + cols[None, :], mask=valid,
+                other=float("-inf"))
+    ordered = tl.sort(s, dim=1, descending=True)
+    kth = tl.max(tl.where(cols[None, :] == keep - 1, ordered, float("-inf")), axis=1)
+    above = s > kth[:, None]
+    tie = (s == kth[:, None]) & valid
+    room = keep - tl.sum(above.to(tl.int32), axis=1)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= room[:, None]))
+    slot = tl.cumsum(take.to(tl.int32), axis=1) - 1
+    index = tl.zeros([ROWS, NK_PAD], dtype=tl.int32) + cols[None, :]
+    tl.store(lut_ptr + rows.to(tl.int64)[:, None] * keep + slot, index, mask=take & row_ok[:, None])
+
+
+SELECT_ENV = "TD_SLA_SELECT"
+"""How `sla_prepare` picks the kept key blocks from the scores: "torch" (the default: torch.topk, then a sort)
+or "fused" (`_sla_select_kernel`: one kernel; not yet timed on a GPU)."""
+
+
+def select_blocks(scores: torch.Tensor, keep: int, method: Optional[str] = None) -> torch.Tensor:
+    """Indices of the `keep` largest scores per row of [..., K] float scores, ascending, int32 [..., keep]."""
+    method = method or os.environ.get(SELECT_ENV, "torch").strip().lower() or "torch"
+    if method not in ("torch", "fused"):
+        raise ValueError(f"{SELECT_ENV}={method!r}: expected torch or fused")
+    if method == "torch" or not kernels_usable(scores):
+        return scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    num_kblocks = scores.shape[-1]
+    flat = scores.reshape(-1, num_kblocks).float().contiguous()
+    lut = torch.empty(flat.shape[0], keep, dtype=torch.int32, device=scores.device)
+    nk_pad = triton.next_power_of_2(num_kblocks)
+    rows = max(1, min(16, 4096 // nk_pad))
+    _sla_select_kernel[(triton.cdiv(flat.shape[0], rows),)](flat, lut, flat.shape[0], num_kblocks, keep,
+                                                            ROWS=rows, NK_PAD=nk_pad, num_warps=4)
+    return lut.view(*scores.shape[:-1], keep)
+
+
 @dataclass
 class SLAPrep:
     """What the attention kernel needs besides q, k, v.
@@ -358,7 +405,7 @@ def sla_prepare(
     pooled_k = k_blocks / _block_counts(length, blkk, q.device) - k_mean  # block means of k - mean_L k
     scores = torch.bmm(q_blocks, pooled_k.transpose(1, 2))
     keep = sla_topk_count(topk, nk)
-    lut = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    lut = select_blocks(scores, keep)
     if not with_linear:
         return SLAPrep(lut=lut, kv=None, ksum=None, k_mean=k_mean)
     return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1), k_mean=k_mean)
