@@ -349,6 +349,7 @@ class VideoPipeline:
         if compile_dit:
             self._compile(compile_dit)
         self._graphed: dict = {}
+        self.cuda_graphs_off_reason: Optional[str] = None  # set when graphs were turned off after loading
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if self.cuda_graphs and self.compile_dit:
             log.info("CUDA graphs off: torch.compile is on (one or the other)")
@@ -375,8 +376,7 @@ class VideoPipeline:
             torch.cuda.empty_cache()
 
     def _graphs_off_text(self) -> str:
-        reason = getattr(self, "cuda_graphs_off_reason", None)
-        return f"off: {reason}" if reason else "off"
+        return f"off: {self.cuda_graphs_off_reason}" if self.cuda_graphs_off_reason else "off"
 
     def _dit(self, name: str):
         """The callable that runs expert `name`'s forward: its CUDA-graph wrapper while the experts stay
@@ -904,10 +904,14 @@ class VideoPipeline:
         """One short generation (written to a temporary folder, then deleted) so CUDA kernels, Triton
         autotuning, cuDNN plans, torch.compile and the MP4 encoder are ready before the first request."""
         req, image = self.warmup_request(steps)
+
+        def run() -> GenerationResult:
+            with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
+                return self.generate(req, image=image, output_dir=folder)
+
         start = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
-                result = self.generate(req, image=image, output_dir=folder)
+            result = run()
         except torch.OutOfMemoryError:
             if not self.cuda_graphs:
                 raise
@@ -915,8 +919,7 @@ class VideoPipeline:
             # card with room for the eager forward and the decode but not for both at once, run eagerly.
             self.disable_cuda_graphs("out of GPU memory in the warm-up with them (their pool is not shared "
                                      "with the VAE decode)")
-            with tempfile.TemporaryDirectory(prefix="td-warmup-") as folder:
-                result = self.generate(req, image=image, output_dir=folder)
+            result = run()
         self.warmup_seconds = time.perf_counter() - start
         log.info("%s warmed up in %.1f s (%s)", self.preset.id, self.warmup_seconds,
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import nn
 
 from turbodiffusion_core.attention.sla_reference import BLKK, BLKQ, LINEAR_EPS, sla_topk_count
-from turbodiffusion_core.kernels.triton_support import autotune, kernels_usable
+from turbodiffusion_core.kernels.triton_support import autotune, kernels_usable, num_sms
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -345,13 +345,6 @@ def _block_counts(length: int, block: int, device: torch.device) -> torch.Tensor
     return (length - starts).clamp(max=block).float()[:, None]
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def sla_prepare(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -376,7 +369,7 @@ def sla_prepare(
     grain = min(blkq, blkk)
     ng = math.ceil(length / grain)
     nq, nk = math.ceil(length / blkq), math.ceil(length / blkk)
-    chunks = min(ng, max(1, PREP_PROGRAMS_PER_SM * _num_sms(q.device) // bh))
+    chunks = min(ng, max(1, PREP_PROGRAMS_PER_SM * num_sms(q.device) // bh))
     per_chunk = math.ceil(ng / chunks)
     chunks = math.ceil(ng / per_chunk)
 

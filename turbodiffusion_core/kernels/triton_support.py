@@ -50,6 +50,17 @@ def kernels_usable(*tensors: "torch.Tensor") -> bool:
     return all(t.device.type == wanted for t in tensors)
 
 
+@functools.lru_cache(maxsize=8)
+def num_sms(device: "torch.device") -> int:
+    """Streaming multiprocessors of a CUDA device, which sizes grids (1 elsewhere: the interpreter runs one
+    program at a time)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 class _FirstConfig:
     """Stands in for an autotuned kernel under the interpreter: launches with the first config's values."""
 

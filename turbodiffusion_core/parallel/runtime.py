@@ -213,9 +213,8 @@ def shard_pipeline(pipe: Any, ctx: ParallelContext) -> Any:
     their forward becomes the sharded one (`ShardedDiT.install`)."""
     if getattr(pipe, "compile_dit", False):
         raise SequenceParallelError("torch.compile of the DiT is not supported with several GPUs yet")
-    if getattr(pipe, "_graphed", None):  # a graph would hold one rank's half of a collective: eager forwards
-        pipe._graphed = {}
-        pipe.cuda_graphs = False
+    if getattr(pipe, "cuda_graphs", False):
+        pipe.disable_cuda_graphs("sequence parallel (a graph would hold one rank's half of a collective)")
     for name, model in pipe.experts.items():
         ShardedDiT.install(model, expert_key(pipe.preset.id, name), ctx)
     pipe.sequence_parallel = ctx.world_size

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 from turbodiffusion_core.kernels.jit_math import rint
-from turbodiffusion_core.kernels.triton_support import autotune
+from turbodiffusion_core.kernels.triton_support import autotune, num_sms
 from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _gelu_amax, _gelu_extremes,
                                                 _gelu_extremes_init, _grouped_tile, _grouped_tile_of, _load_k_step,
                                                 _load_row_chunk, _store_tile)
@@ -258,7 +258,7 @@ def _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persis
     a_desc = TensorDescriptor.from_tensor(q_act, [128, 128])
     w_desc = TensorDescriptor.from_tensor(q_weight, [128, 128])
     c_desc = TensorDescriptor.from_tensor(out, [128, 128])
-    sms = _num_sms(q_act.device)
+    sms = num_sms(q_act.device)
 
     def grid(meta):
         tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
@@ -269,13 +269,6 @@ def _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persis
         rows, out_features, inner,
         HAS_BIAS=bias is not None, PERSISTENT=persistent,
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def quantize_rows_int8(x: torch.Tensor, act: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +294,7 @@ def int8_rowcol_matmul(
 ) -> torch.Tensor:
     """int8 [M, K] (row scales [M]) x int8 [N, K]^T (channel scales [N]) (+ bias [N]) -> [M, N] in out_dtype.
 
-    `kernel`: one of GEMM_KERNELS (default: TD_INT8_GEMM, else "pointer"); the TMA ones fall back to the
+    `kernel`: one of GEMM_KERNELS (default: TD_INT8_GEMM, else DEFAULT_GEMM_KERNEL); the TMA ones fall back to the
     pointer kernel where TMA cannot run (before Hopper, unaligned rows)."""
     kernel = kernel or default_gemm_kernel()
     if kernel not in GEMM_KERNELS:
