@@ -198,6 +198,8 @@ def check_sla(report: Report, tokens: int) -> None:
         attend_ms = bench_ms(lambda: st.sla_attend(q, k, v, prep, proj.weight, proj.bias))
         report.add(Row("sla", f"{name} block map only", label, ms=map_ms, gating=False))
         _check_select(report, name, label, (q, k, v), topk, proj, sdpa_ms)
+        if topk == 0.10:
+            _check_prep_programs(report, name, label, (q, k, v), topk)
         report.add(Row("sla", f"{name} prep (block map + linear KV)", label, ms=prep_ms, gating=False))
         report.add(Row("sla", f"{name} attention kernel (sparse + linear + proj_l)", label, ms=attend_ms, gating=False))
 
@@ -245,6 +247,22 @@ def _check_select(report: Report, name: str, label: str, qkv, topk: float, proj,
             os.environ[st.SELECT_ENV] = old
     report.add(Row("sla", f"{name} whole op with the fused selection", label, ms=total_ms, baseline="sdpa",
                    baseline_ms=sdpa_ms, gating=False, note=f"speedup {sdpa_ms / total_ms:.2f}x (target >= 6x)"))
+
+
+def _check_prep_programs(report: Report, name: str, label: str, qkv, topk: float) -> None:
+    """sla_prepare (with the linear branch) at several prep-kernel programs per SM (PREP_PROGRAMS_PER_SM)."""
+    from turbodiffusion_core.attention import sla_triton as st
+
+    default = st.PREP_PROGRAMS_PER_SM
+    try:
+        for programs in (2, 4, 8, 16, 32):
+            st.PREP_PROGRAMS_PER_SM = programs
+            st.sla_prepare(*qkv, topk, with_linear=True)  # autotune outside the timing
+            ms = bench_ms(lambda: st.sla_prepare(*qkv, topk, with_linear=True))
+            report.add(Row("sla", f"{name} prep, {programs} prep programs per SM", label, ms=ms, gating=False,
+                           note="the default" if programs == default else ""))
+    finally:
+        st.PREP_PROGRAMS_PER_SM = default
 
 
 def check_sagesla(report: Report, q, k, v, proj, sdpa_ms: float, label: str) -> None:

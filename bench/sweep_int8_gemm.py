@@ -41,14 +41,59 @@ def candidate_tiles() -> list[tuple[int, int, int, int, int]]:
     return sorted(out, key=lambda t: -t[0] * t[1])  # big tiles first: the likeliest winners under a budget
 
 
+def _time_wgmma_configs(bench, aq, as_, wq, ws, bias, ref_out) -> list[dict]:
+    """The Gluon GEMM (quant/wgmma_int8.py) at each of its configurations: ms and rel. err vs the pointer kernel."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    if not wgmma_int8.available(aq.device):
+        return [{"error": wgmma_int8.unavailable_reason()}]
+    rows = []
+    for config in wgmma_int8.WGMMA_CONFIGS:
+        out = torch.empty_like(ref_out)
+        try:
+            wgmma_int8.wgmma_int8_matmul(aq, as_, wq, ws, bias, out, config)
+            err = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+            ms = bench(lambda config=config: wgmma_int8.wgmma_int8_matmul(aq, as_, wq, ws, bias, out, config))
+            rows.append({"config": list(config), "ms": round(ms, 4), "rel_err_vs_pointer": err})
+        except Exception as e:  # out of shared memory and the like
+            rows.append({"config": list(config), "error": f"{type(e).__name__}: {e}"[:300]})
+    return rows
+
+
+def _host_overhead(rk, kernels: list[str]) -> dict:
+    """Microseconds of host time per int8_rowcol_matmul call on a 128x1536x1536 GEMM (the GPU work is a few
+    microseconds, so the launch path is what is timed), and per bf16 F.linear for scale."""
+    x = torch.randint(-127, 128, (128, 1536), device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (1536, 1536), device="cuda", dtype=torch.int8)
+    xs, ws = torch.rand(128, device="cuda"), torch.rand(1536, device="cuda")
+    bias = torch.zeros(1536, device="cuda", dtype=torch.bfloat16)
+    xb, wb = torch.randn(128, 1536, device="cuda", dtype=torch.bfloat16), torch.randn(1536, 1536, device="cuda", dtype=torch.bfloat16)
+    calls = {name: (lambda name=name: rk.int8_rowcol_matmul(x, xs, w, ws, bias, kernel=name)) for name in kernels}
+    calls["bf16 F.linear"] = lambda: F.linear(xb, wb, bias)
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(300):
+            fn()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        out[name] = round(host / 300 * 1e6, 1)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8_gemm_sweep.json")
     ap.add_argument("--shapes", default="ffn_up,ffn_down,qkvo")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop trying tiles after this long")
-    ap.add_argument("--kernels", default="pointer,tma,tma-persistent",
+    ap.add_argument("--kernels", default="pointer,tma,tma-persistent,wgmma",
                     help="GEMM kernels (quant/rowcol_kernels.GEMM_KERNELS) to time autotuned, beside the tile sweep")
     ap.add_argument("--no-tiles", action="store_true", help="skip the pointer kernel's tile sweep")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="also the host time of one call per kernel (a tiny GEMM, 300 calls, one sync)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_int8_gemm.py needs a CUDA GPU", file=sys.stderr)
@@ -81,8 +126,10 @@ def main() -> int:
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         xf, xs = quantize_rows_fp8(x)
         wf, wfs = quantize_fp8_rowwise(w)
+        dense = F.linear(x.float(), w.float(), bias.float())  # the unquantized product in float32
         row = {
             "m_k_n": [m, k, n],
+            "bf16_linear_rel_err_vs_fp32": float((F.linear(x, w, bias).float() - dense).norm() / dense.norm()),
             "bf16_linear_ms": bench(lambda: F.linear(x, w, bias)),
             "fp8_scaled_mm_ms": bench(lambda: fp8_matmul(xf, xs, wf, wfs, bias)),
             "autotuned_int8_ms": bench(lambda: rk.int8_rowcol_matmul(aq, as_, wq, ws, bias, kernel="pointer")),
@@ -97,9 +144,13 @@ def main() -> int:
                 row[f"{gemm}_linear_ms"] = bench(  # int8_rowcol_linear's steps, with this GEMM kernel
                     lambda: rk.int8_rowcol_matmul(*rk.quantize_rows_int8(x), wq, ws, bias, kernel=gemm))
                 row[f"{gemm}_rel_err_vs_pointer"] = float((got.float() - ref_out.float()).norm() / ref_out.float().norm())
+                linear_out = rk.int8_rowcol_matmul(*rk.quantize_rows_int8(x), wq, ws, bias, kernel=gemm)
+                row[f"{gemm}_linear_rel_err_vs_fp32"] = float((linear_out.float() - dense).norm() / dense.norm())
                 row[f"{gemm}_linear_speedup_vs_bf16"] = round(row["bf16_linear_ms"] / row[f"{gemm}_linear_ms"], 3)
             except Exception as e:
                 row[f"{gemm}_error"] = f"{type(e).__name__}: {e}"[:300]
+        if "wgmma" in args.kernels.split(","):
+            row["wgmma_configs"] = _time_wgmma_configs(bench, aq, as_, wq, ws, bias, ref_out)
         row["tma_choice"] = {str(key): str(cfg) for key, cfg in getattr(rk._int8_rowcol_gemm_tma_kernel, "cache", {}).items()}
         try:
             wt = wq.t()  # [K, N] column-major: the weight as stored, what cuBLASLt's int8 path wants
@@ -127,6 +178,9 @@ def main() -> int:
         row["failed_tiles"] = [t for t in tiles_ms if "error" in t][:10]
         record["shapes"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "failed_tiles"}), flush=True)
+    if args.host_overhead:
+        record["host_us_per_call"] = _host_overhead(rk, args.kernels.split(","))
+        print("host us per call", record["host_us_per_call"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

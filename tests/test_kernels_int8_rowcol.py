@@ -278,7 +278,7 @@ def test_gpu_rowcol_matches_reference_and_both_kernels_run(monkeypatch):
 
 @on_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["tma", "tma-persistent"])
+@pytest.mark.parametrize("kernel", ["tma", "tma-persistent", "wgmma"])
 def test_gpu_tma_gemm_matches_pointer_gemm(kernel):
     """Fresh random operands at a ragged realistic shape: the TMA kernels against the pointer kernel and the
     reference (the same float steps; FMA contraction may move a last bit)."""
@@ -291,3 +291,47 @@ def test_gpu_tma_gemm_matches_pointer_gemm(kernel):
     out = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, kernel=kernel)
     print(kernel, dict(vs_pointer=rel_err(out, pointer), vs_reference=rel_err(out, ref)))
     assert rel_err(out, pointer) < 1e-6 and rel_err(out, ref) < 1e-2
+
+
+def test_wgmma_configs_fit_hopper_and_their_instruction_shapes():
+    """Every Gluon GEMM configuration fits an H100's shared memory (with the programs an SM it asks for), its TMA
+    blocks are powers of two, and the wgmma N it gets is one int8 wgmma takes and tiles BLOCK_N."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    for block_m, block_n, block_k, warps, buffers, per_sm in wgmma_int8.WGMMA_CONFIGS:
+        shared = buffers * (block_m + block_n) * block_k + block_m * block_n * 2 + 1024
+        assert shared * per_sm <= 227 * 1024, (block_m, block_n, block_k, buffers, per_sm)
+        assert all(x & (x - 1) == 0 for x in (block_m, block_n, block_k))
+        n = wgmma_int8._instr_n(block_m, block_n, warps)
+        assert n in wgmma_int8.INT8_WGMMA_N and block_n % n == 0
+        along_m, along_n = wgmma_int8._warps_per_cta(block_m, warps)
+        assert along_m * along_n == warps and block_m % (16 * along_m) == 0
+    assert wgmma_int8._instr_n(128, 256, 8) == 128  # 256 is not an int8 wgmma width
+    if not torch.cuda.is_available():
+        assert not wgmma_int8.available() and wgmma_int8.unavailable_reason()
+
+
+@on_gpu
+@pytest.mark.gpu
+def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm():
+    """The Gluon kernel at each of its configurations, on shapes with ragged M and N, K shorter than the
+    prefetch distance and K not a multiple of BLOCK_K, and more tiles than SMs (persistent loop, phases)."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    if not wgmma_int8.available():
+        pytest.skip(wgmma_int8.unavailable_reason())
+    for rows, inner, cols in ((1037, 1536, 1032), (300, 80, 264), (4099, 272, 2056)):
+        x = activations(rows, inner, device="cuda", seed=int(torch.randint(0, 2**31, ())))
+        weight, bias = weights(cols, inner, device="cuda")
+        q_weight, w_scale = quantize_int8_rowwise(weight)
+        q_act, a_scale = rk.quantize_rows_int8(x)
+        pointer = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias, kernel="pointer")
+        for config in wgmma_int8.WGMMA_CONFIGS:
+            for with_bias in (bias, None):
+                out = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16)
+                wgmma_int8.wgmma_int8_matmul(q_act, a_scale, q_weight, w_scale, with_bias, out, config)
+                want = pointer if with_bias is not None else rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale,
+                                                                                    None, kernel="pointer")
+                err = rel_err(out, want)
+                print((rows, inner, cols), config, with_bias is not None, err)
+                assert err < 1e-6, (rows, inner, cols, config)

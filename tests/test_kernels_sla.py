@@ -65,6 +65,22 @@ def test_fused_select_with_ties_keeps_exactly_k_of_the_largest():
 
 
 @on_cpu
+def test_fused_select_orders_signs_zeros_and_infinities():
+    """The radix select's float-to-key map: negatives below zeros below positives, huge and infinite values."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 5, 64, generator=gen) * torch.tensor([1e-30, 1.0, 1e30]).repeat_interleave(5).view(3, 5, 1)
+    scores[0, 0, :8] = float("-inf")
+    scores[1, 1, 5] = float("inf")
+    scores[2, 2, 10:20] = 0.0
+    for keep in (1, 7, 40, 64):
+        fused = sla.select_blocks(scores, keep, "fused").long()
+        kept_scores = scores.gather(-1, fused).sort(dim=-1).values
+        best = scores.topk(keep, dim=-1).values.sort(dim=-1).values
+        assert torch.equal(kept_scores, best), keep
+        assert torch.all(fused[..., 1:] > fused[..., :-1])
+
+
+@on_cpu
 def test_block_map_with_the_fused_select(monkeypatch):
     monkeypatch.setenv("TD_SLA_SELECT", "fused")
     q, k, v = qkv(2, 300, 2, 32)

@@ -3,14 +3,15 @@
 Same inputs and same math as `sla_reference` (read its docstring for the formula); what differs is how
 often memory is touched. For q, k, v [B, L, H, D] (bf16, after RoPE):
 
-1. `_sla_prep_kernel` reads q, k and v once. Per key block of BLKK tokens it writes the block sums of q
-   and k (float32, tiny), and per chunk of key blocks the partial linear-attention state
-   phi(K)^T V [D, D] and sum phi(K) [D] (phi = softmax over the head dim). Partials instead of atomics
-   keep the result deterministic; summing them in torch costs a few microseconds.
-2. Block map in torch on the pooled vectors (a few MB): q pooled per BLKQ, k mean-centred and pooled per
-   BLKK, raw dot-product scores, `topk` key blocks per query block, indices sorted ascending. Sorting lets
-   the attention kernel treat only the last kept block as possibly partial (only the sequence's last
-   block can be), so no other iteration pays for tail masking.
+1. `_sla_prep_kernel` reads q, k and v once. It writes the sums of q over each query block and of k over
+   each key block (float32, tiny), and per chunk of blocks the partial linear-attention state phi(K)^T V
+   [D, D] and sum phi(K) [D] (phi = softmax over the head dim). Partials instead of atomics keep the result
+   deterministic; `_sla_prep_finish_kernel` sums them (KV in v's dtype) and makes the pooled keys: block
+   means of k minus k's mean over all tokens.
+2. Block map: raw dot-product scores of query-block sums and pooled keys (torch.bmm, a few MB), then the
+   `topk` key blocks per query block with indices ascending (`select_blocks`: a radix-select kernel, or
+   torch.topk + sort). Sorting lets the attention kernel treat only the last kept block as possibly partial
+   (only the sequence's last block can be), so no other iteration pays for tail masking.
 3. `_sla_attn_kernel`, one program per (query tile, batch*head): online-softmax attention over the kept
    key blocks only (exp2 domain, scale 1/sqrt(D)), then in the epilogue the linear branch
    phi(q) KV / (1e-5 + phi(q).ksum), its `proj_l` (D x D + bias, shared by the heads), the sum of both
@@ -21,14 +22,14 @@ Differences from the reference are rounding only: bf16 MMA operands (P, phi(q), 
 linear output are rounded to bf16 before their matmuls, as TurboDiffusion's bf16 SLA does) and the
 summation order of the pooled means, which can swap a key block whose score ties another's.
 
-The sagesla backend (attention/sagesla.py) reuses steps 1-2 at SpargeAttn's block sizes (`sla_prepare`
-sums over the smaller block size and merges) and step 3's epilogue alone (`sla_add_linear`, sharing
-`_linear_branch` with the attention kernel) around SpargeAttn's sparse kernel.
+The sagesla backend (attention/sagesla.py) reuses steps 1-2 at SpargeAttn's block sizes (the prep kernel
+walks grains of the smaller block size and stores a sum whenever a block of either size ends) and step 3's
+epilogue alone (`sla_add_linear`, sharing `_linear_branch` with the attention kernel) around SpargeAttn's
+sparse kernel.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -52,23 +53,27 @@ PREP_PROGRAMS_PER_SM = 4
 
 @autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3))],
-    key=["seq_len", "HEAD_DIM", "BLOCK_N", "WITH_LINEAR"],
+    key=["seq_len", "HEAD_DIM", "BLOCK_N", "RATIO_Q", "RATIO_K", "WITH_LINEAR"],
 )
 @triton.jit
 def _sla_prep_kernel(
     q_ptr, k_ptr, v_ptr,
-    qsum_ptr, ksum_ptr, kv_part_ptr, ks_part_ptr,
+    qblk_ptr, kblk_ptr, kv_part_ptr, ks_part_ptr,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    seq_len, num_heads, num_kblocks, num_chunks, blocks_per_chunk,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WITH_LINEAR: tl.constexpr,
+    seq_len, num_heads, num_grains, num_chunks, grains_per_chunk,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, RATIO_Q: tl.constexpr, RATIO_K: tl.constexpr,
+    WITH_LINEAR: tl.constexpr,
 ):
-    """Grid (num_chunks, B*H). Block sums of q and k per BLOCK_N tokens; linear-branch partials per chunk."""
+    """Grid (num_chunks, B*H). Sums of q over each query block (RATIO_Q grains of BLOCK_N tokens) and of k over
+    each key block (RATIO_K grains); linear-branch partials per chunk. Chunks hold whole blocks of both sizes."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
+    num_qblocks = tl.cdiv(num_grains, RATIO_Q)
+    num_kblocks = tl.cdiv(num_grains, RATIO_K)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -76,17 +81,25 @@ def _sla_prep_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
     ks = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for j in range(0, blocks_per_chunk):
-        blk = chunk * blocks_per_chunk + j
-        rows = blk * BLOCK_N + offs_n
+    q_acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    k_acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(0, grains_per_chunk):
+        grain = chunk * grains_per_chunk + j
+        rows = grain * BLOCK_N + offs_n
         valid = rows < seq_len
         q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=valid[:, None], other=0.0)
         k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
-        out = (bh * num_kblocks + blk) * HEAD_DIM + offs_d
-        in_range = (offs_d * 0 + blk) < num_kblocks
-        tl.store(qsum_ptr + out, tl.sum(q.to(tl.float32), axis=0), mask=in_range)
         kf = k.to(tl.float32)
-        tl.store(ksum_ptr + out, tl.sum(kf, axis=0), mask=in_range)
+        q_acc += tl.sum(q.to(tl.float32), axis=0)
+        k_acc += tl.sum(kf, axis=0)
+        last = grain == num_grains - 1
+        in_range = (offs_d * 0 + grain) < num_grains
+        if (grain % RATIO_Q == RATIO_Q - 1) | last:  # a query block ends here
+            tl.store(qblk_ptr + (bh * num_qblocks + grain // RATIO_Q) * HEAD_DIM + offs_d, q_acc, mask=in_range)
+            q_acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        if (grain % RATIO_K == RATIO_K - 1) | last:  # a key block ends here
+            tl.store(kblk_ptr + (bh * num_kblocks + grain // RATIO_K) * HEAD_DIM + offs_d, k_acc, mask=in_range)
+            k_acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
         if WITH_LINEAR:
             v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=valid[:, None], other=0.0)
             e = tl.exp(kf - tl.max(kf, axis=1)[:, None])
@@ -98,6 +111,48 @@ def _sla_prep_kernel(
         part = bh * num_chunks + chunk
         tl.store(kv_part_ptr + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], kv)
         tl.store(ks_part_ptr + part * HEAD_DIM + offs_d, ks)
+
+
+@triton.jit
+def _sla_prep_finish_kernel(
+    kblk_ptr, pooled_ptr, kmean_ptr, kv_part_ptr, ks_part_ptr, kv_ptr, ksum_ptr,
+    seq_len, num_kblocks, num_chunks, blkk,
+    HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr, BLOCK_NK: tl.constexpr, WITH_LINEAR: tl.constexpr,
+):
+    """Grid (HEAD_DIM // D_SLICE, B*H): for head dims [d0, d0 + D_SLICE) of one head row, k's mean over the
+    tokens, the block map's pooled keys (block mean of k minus that mean), and the linear branch's KV rows and
+    ksum summed over the prep kernel's chunks."""
+    d0 = tl.program_id(0) * D_SLICE
+    bh = tl.program_id(1)
+    dims = d0 + tl.arange(0, D_SLICE)
+    offs_j = tl.arange(0, BLOCK_NK)
+    kblk_row = kblk_ptr + bh.to(tl.int64) * num_kblocks * HEAD_DIM
+    total = tl.zeros([D_SLICE], dtype=tl.float32)
+    for start in range(0, num_kblocks, BLOCK_NK):
+        blocks = start + offs_j
+        mask = (blocks < num_kblocks)[:, None]
+        total += tl.sum(tl.load(kblk_row + blocks[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0), axis=0)
+    mean = total / seq_len
+    tl.store(kmean_ptr + bh * HEAD_DIM + dims, mean)
+    pooled_row = pooled_ptr + bh.to(tl.int64) * num_kblocks * HEAD_DIM
+    for start in range(0, num_kblocks, BLOCK_NK):
+        blocks = start + offs_j
+        mask = (blocks < num_kblocks)[:, None]
+        sums = tl.load(kblk_row + blocks[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        count = tl.maximum(tl.minimum(seq_len - blocks * blkk, blkk), 1).to(tl.float32)  # tokens in it (the last: fewer)
+        tl.store(pooled_row + blocks[:, None] * HEAD_DIM + dims[None, :], sums / count[:, None] - mean[None, :],
+                 mask=mask)
+    if WITH_LINEAR:
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv = tl.zeros([D_SLICE, HEAD_DIM], dtype=tl.float32)
+        ks = tl.zeros([D_SLICE], dtype=tl.float32)
+        for c in range(0, num_chunks):
+            part = bh * num_chunks + c
+            kv += tl.load(kv_part_ptr + part * HEAD_DIM * HEAD_DIM + dims[:, None] * HEAD_DIM + offs_d[None, :])
+            ks += tl.load(ks_part_ptr + part * HEAD_DIM + dims)
+        tl.store(kv_ptr + bh * HEAD_DIM * HEAD_DIM + dims[:, None] * HEAD_DIM + offs_d[None, :],
+                 kv.to(kv_ptr.dtype.element_ty))
+        tl.store(ksum_ptr + bh * HEAD_DIM + dims, ks)
 
 
 @triton.jit
@@ -256,19 +311,29 @@ def _sla_linear_add_kernel(
 def _sla_select_kernel(scores_ptr, lut_ptr, num_rows, num_kblocks, keep, ROWS: tl.constexpr, NK_PAD: tl.constexpr):
     """Grid cdiv(num_rows, ROWS). Per row of block scores: the indices of its `keep` largest, ascending.
 
-    The keep-th largest score comes from a bitonic sort of the row; every score above it is kept, and of the
-    scores equal to it the first ones (by index) up to `keep` in all. Positions in the output row are a running
-    count of the kept columns, so the indices come out sorted without a second sort."""
+    Scores map to unsigned keys in the same order (negative floats: all bits flipped; others: the sign bit
+    set), and the keep-th largest key is found bit by bit from the top (a radix select: 32 rounds of one
+    compare and one count per row, no sort). Every score above it is kept, and of those equal to it the first
+    ones by index up to `keep` in all. Positions in the output row are a running count of the kept columns,
+    so the indices come out sorted."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
     cols = tl.arange(0, NK_PAD)
     valid = row_ok[:, None] & (cols < num_kblocks)[None, :]
-    s = tl.load(scores_ptr + rows.to(tl.int64)[:, None] * num_kblocks + cols[None, :], mask=valid,
-                other=float("-inf"))
-    ordered = tl.sort(s, dim=1, descending=True)
-    kth = tl.max(tl.where(cols[None, :] == keep - 1, ordered, float("-inf")), axis=1)
-    above = s > kth[:, None]
-    tie = (s == kth[:, None]) & valid
+    s = tl.load(scores_ptr + rows.to(tl.int64)[:, None] * num_kblocks + cols[None, :], mask=valid, other=0.0)
+    bits = s.to(tl.uint32, bitcast=True)
+    negative = (bits >> 31) != 0
+    key = tl.where(negative, ~bits, bits | 0x80000000)
+    key = tl.where(valid, key, 0)  # below every real score's key (-inf maps to 0x007FFFFF)
+    kth = tl.zeros([ROWS], dtype=tl.uint32)
+    bit = tl.full([ROWS], 1, dtype=tl.uint32) << 31
+    for _ in tl.static_range(32):
+        candidate = kth | bit
+        count = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
+        kth = tl.where(count >= keep, candidate, kth)
+        bit = bit >> 1
+    above = key > kth[:, None]
+    tie = (key == kth[:, None]) & valid
     room = keep - tl.sum(above.to(tl.int32), axis=1)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= room[:, None]))
     slot = tl.cumsum(take.to(tl.int32), axis=1) - 1
@@ -277,13 +342,14 @@ def _sla_select_kernel(scores_ptr, lut_ptr, num_rows, num_kblocks, keep, ROWS: t
 
 
 SELECT_ENV = "TD_SLA_SELECT"
-"""How `sla_prepare` picks the kept key blocks from the scores: "torch" (the default: torch.topk, then a sort)
-or "fused" (`_sla_select_kernel`: one kernel; not yet timed on a GPU)."""
+DEFAULT_SELECT = "fused"
+"""How `sla_prepare` picks the kept key blocks from the scores (TD_SLA_SELECT): "fused" (the default:
+`_sla_select_kernel`, one radix-select kernel) or "torch" (torch.topk, then a sort: three kernels)."""
 
 
 def select_blocks(scores: torch.Tensor, keep: int, method: Optional[str] = None) -> torch.Tensor:
     """Indices of the `keep` largest scores per row of [..., K] float scores, ascending, int32 [..., keep]."""
-    method = method or os.environ.get(SELECT_ENV, "torch").strip().lower() or "torch"
+    method = method or os.environ.get(SELECT_ENV, DEFAULT_SELECT).strip().lower() or DEFAULT_SELECT
     if method not in ("torch", "fused"):
         raise ValueError(f"{SELECT_ENV}={method!r}: expected torch or fused")
     if method == "torch" or not kernels_usable(scores):
@@ -292,7 +358,7 @@ def select_blocks(scores: torch.Tensor, keep: int, method: Optional[str] = None)
     flat = scores.reshape(-1, num_kblocks).float().contiguous()
     lut = torch.empty(flat.shape[0], keep, dtype=torch.int32, device=scores.device)
     nk_pad = triton.next_power_of_2(num_kblocks)
-    rows = max(1, min(16, 4096 // nk_pad))
+    rows = max(1, min(16, 2048 // nk_pad))
     _sla_select_kernel[(triton.cdiv(flat.shape[0], rows),)](flat, lut, flat.shape[0], num_kblocks, keep,
                                                             ROWS=rows, NK_PAD=nk_pad, num_warps=4)
     return lut.view(*scores.shape[:-1], keep)
@@ -338,13 +404,6 @@ def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _block_counts(length: int, block: int, device: torch.device) -> torch.Tensor:
-    """Tokens in each block of `block` tokens (the last may be partial), float32 [nblocks, 1]."""
-    starts = torch.arange(0, length, block, device=device)
-    return (length - starts).clamp(max=block).float()[:, None]
-
-
 def sla_prepare(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -367,51 +426,47 @@ def sla_prepare(
     batch, length, heads, dim = q.shape
     bh = batch * heads
     grain = min(blkq, blkk)
+    ratio_q, ratio_k = blkq // grain, blkk // grain
+    whole = max(ratio_q, ratio_k)  # grains of the larger block: chunks hold whole blocks of both sizes
     ng = math.ceil(length / grain)
     nq, nk = math.ceil(length / blkq), math.ceil(length / blkk)
-    chunks = min(ng, max(1, PREP_PROGRAMS_PER_SM * num_sms(q.device) // bh))
-    per_chunk = math.ceil(ng / chunks)
+    chunks = min(math.ceil(ng / whole), max(1, PREP_PROGRAMS_PER_SM * num_sms(q.device) // bh))
+    per_chunk = math.ceil(ng / (chunks * whole)) * whole
     chunks = math.ceil(ng / per_chunk)
 
     f32 = dict(device=q.device, dtype=torch.float32)
-    qsum = torch.empty(bh, ng, dim, **f32)
-    ksum_grains = torch.empty(bh, ng, dim, **f32)
+    q_blocks = torch.empty(bh, nq, dim, **f32)
+    k_blocks = torch.empty(bh, nk, dim, **f32)
     if with_linear:
         kv_part = torch.empty(bh, chunks, dim, dim, **f32)
         ks_part = torch.empty(bh, chunks, dim, **f32)
+        kv = torch.empty(bh, dim, dim, device=q.device, dtype=v.dtype)
+        ksum = torch.empty(bh, dim, **f32)
     else:
-        kv_part = ks_part = qsum  # never written: WITH_LINEAR is off
+        kv_part = ks_part = kv = ksum = q_blocks  # never touched: WITH_LINEAR is off
     _sla_prep_kernel[(chunks, bh)](
-        q, k, v, qsum, ksum_grains, kv_part, ks_part,
+        q, k, v, q_blocks, k_blocks, kv_part, ks_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         length, heads, ng, chunks, per_chunk,
-        HEAD_DIM=dim, BLOCK_N=grain, WITH_LINEAR=with_linear,
+        HEAD_DIM=dim, BLOCK_N=grain, RATIO_Q=ratio_q, RATIO_K=ratio_k, WITH_LINEAR=with_linear,
     )
-
+    pooled_k = torch.empty(bh, nk, dim, **f32)  # block means of k minus k's mean over all tokens
+    k_mean = torch.empty(bh, 1, dim, **f32)
+    d_slice = min(16, dim)
+    _sla_prep_finish_kernel[(dim // d_slice, bh)](
+        k_blocks, pooled_k, k_mean, kv_part, ks_part, kv, ksum,
+        length, nk, chunks, blkk,
+        HEAD_DIM=dim, D_SLICE=d_slice, BLOCK_NK=64, WITH_LINEAR=with_linear, num_warps=4,
+    )
     # Dividing a query block's row of scores by its (positive) token count would not change which key blocks
     # it keeps, so query blocks stay sums.
-    q_blocks = _merge_grains(qsum, blkq // grain, nq)
-    k_mean = ksum_grains.sum(dim=1, keepdim=True) / length
-    k_blocks = _merge_grains(ksum_grains, blkk // grain, nk)
-    pooled_k = k_blocks / _block_counts(length, blkk, q.device) - k_mean  # block means of k - mean_L k
     scores = torch.bmm(q_blocks, pooled_k.transpose(1, 2))
-    keep = sla_topk_count(topk, nk)
-    lut = select_blocks(scores, keep)
+    lut = select_blocks(scores, sla_topk_count(topk, nk))
     if not with_linear:
         return SLAPrep(lut=lut, kv=None, ksum=None, k_mean=k_mean)
-    return SLAPrep(lut=lut, kv=kv_part.sum(dim=1).to(v.dtype), ksum=ks_part.sum(dim=1), k_mean=k_mean)
-
-
-def _merge_grains(sums: torch.Tensor, ratio: int, count: int) -> torch.Tensor:
-    """Sums over `ratio` consecutive grains: [BH, grains, D] -> [BH, count, D] (a short tail is zero-padded)."""
-    if ratio == 1:
-        return sums
-    grains = sums.shape[1]
-    if count * ratio != grains:
-        sums = torch.nn.functional.pad(sums, (0, 0, 0, count * ratio - grains))
-    return sums.view(sums.shape[0], count, ratio, sums.shape[2]).sum(dim=2)
+    return SLAPrep(lut=lut, kv=kv, ksum=ksum, k_mean=k_mean)
 
 
 def sla_attend(

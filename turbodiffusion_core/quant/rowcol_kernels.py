@@ -220,13 +220,14 @@ def _int8_rowcol_gemm_tma_kernel(
                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-GEMM_KERNELS = ("pointer", "tma", "tma-persistent")
+GEMM_KERNELS = ("pointer", "tma", "tma-persistent", "wgmma")
 GEMM_KERNEL_ENV = "TD_INT8_GEMM"
-DEFAULT_GEMM_KERNEL = "tma-persistent"
-"""Which int8 GEMM `int8_rowcol_matmul` runs (TD_INT8_GEMM): "tma-persistent" (the default) or "tma" (TMA
-descriptors; Hopper and newer, elsewhere the pointer kernel runs), "pointer" (pointer loads, any CUDA GPU).
-H100, FFN up 32760x1536x8960 with the row quantizer: 1.08 / 0.92 / 0.92 ms (pointer / tma / persistent)
-against 1.28 ms for bf16 (bench/results/int8_gemm_kernels_h100.json)."""
+DEFAULT_GEMM_KERNEL = "wgmma"
+"""Which int8 GEMM `int8_rowcol_matmul` runs (TD_INT8_GEMM): "wgmma" (the default: quant/wgmma_int8.py, Gluon with
+asynchronous int32 wgmma; Hopper only, elsewhere "tma-persistent" runs), "tma-persistent" or "tma" (Triton with
+TMA descriptors; Hopper and newer, elsewhere the pointer kernel runs), "pointer" (pointer loads, any CUDA GPU).
+H100, FFN up 32760x1536x8960, GEMM alone: 0.98 / 0.85 / 0.89 / 0.82 ms (pointer / tma / tma-persistent / wgmma at
+its default tile; 0.78 at its best), against 1.24 ms for bf16 (bench/results/int8_gemm_wgmma_h100.json)."""
 
 
 def default_gemm_kernel() -> str:
@@ -294,8 +295,9 @@ def int8_rowcol_matmul(
 ) -> torch.Tensor:
     """int8 [M, K] (row scales [M]) x int8 [N, K]^T (channel scales [N]) (+ bias [N]) -> [M, N] in out_dtype.
 
-    `kernel`: one of GEMM_KERNELS (default: TD_INT8_GEMM, else DEFAULT_GEMM_KERNEL); the TMA ones fall back to the
-    pointer kernel where TMA cannot run (before Hopper, unaligned rows)."""
+    `kernel`: one of GEMM_KERNELS (default: TD_INT8_GEMM, else DEFAULT_GEMM_KERNEL); wgmma falls back to
+    tma-persistent off Hopper or without Gluon, the TMA ones to the pointer kernel where TMA cannot run (before
+    Hopper, unaligned rows)."""
     kernel = kernel or default_gemm_kernel()
     if kernel not in GEMM_KERNELS:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(GEMM_KERNELS)}")
@@ -309,6 +311,13 @@ def int8_rowcol_matmul(
     act_scale = act_scale.reshape(-1).float().contiguous()
     weight_scale = weight_scale.reshape(-1).float().contiguous()
     out = torch.empty(rows, out_features, dtype=out_dtype, device=q_act.device)
+    if kernel == "wgmma":
+        if q_act.is_cuda and _tma_usable(q_act, q_weight, out):
+            from turbodiffusion_core.quant import wgmma_int8
+
+            if wgmma_int8.available(q_act.device):
+                return wgmma_int8.wgmma_int8_matmul(q_act, act_scale, q_weight, weight_scale, bias, out)
+        kernel = "tma-persistent"
     if kernel != "pointer" and _tma_usable(q_act, q_weight, out):
         _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persistent=kernel == "tma-persistent")
         return out

@@ -1,0 +1,271 @@
+"""The per-channel int8 GEMM written in Gluon (Triton's tile-level language with explicit layouts, shared
+memory, barriers and Hopper's asynchronous warpgroup MMA), for Hopper GPUs.
+
+Why a second kernel: Triton's software pipeliner keeps a wgmma asynchronous across loop iterations only when
+its accumulator is float32; an int8 x int8 -> int32 dot gets a `wait 0` after every K step, so the tensor
+cores drain between steps (quant/rowcol_kernels.py reaches ~55% of the H100's int8 peak that way). Here the
+loop is written out by hand:
+
+- a ring of NUM_BUFFERS shared-memory stages for the A [BLOCK_M, BLOCK_K] and W [BLOCK_N, BLOCK_K] tiles,
+  filled by TMA, one mbarrier per stage (expect-tx bytes, phase parity from a running count);
+- each K step issues its wgmma asynchronously and then waits until at most one is in flight, so the next
+  step's MMA is queued behind the current one and the tensor cores never wait for the issuing warps;
+  the stage the finished MMA read is refilled right away (prefetch distance NUM_BUFFERS - 1);
+- persistent programs (one or two per SM) walk the output tiles in grouped order; the next tile's first loads are
+  issued before this tile's epilogue, and the epilogue's TMA store runs while the next tile computes.
+
+Same sums and epilogue as `_int8_rowcol_gemm_kernel`: float32(int32 acc) * sA[m] * sW[n] (+ bias) -> the
+output dtype, so the result equals it bit for bit up to the compiler's multiply-add fusion.
+Gluon exists from Triton 3.4 on and only compiles for a GPU (no interpreter); `available()` says whether it
+can run here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from turbodiffusion_core.quant.kernels import _grouped_tile_of
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # pragma: no cover - Triton without Gluon
+    gluon = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+INT8_WGMMA_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)
+"""The N sizes a wgmma instruction takes with 8-bit integer operands (no 256, unlike the float types)."""
+
+
+@functools.cache
+def _instr_n(block_m: int, block_n: int, num_warps: int) -> int:
+    """Widest int8 wgmma N that tiles BLOCK_N across the warps left over after M."""
+    m_reps = triton.cdiv(block_m, 16)
+    n_reps = triton.cdiv(num_warps, m_reps)
+    widest = max(block_n // n_reps, 8)
+    return next(n for n in INT8_WGMMA_N if n <= widest and block_n % n == 0)
+
+
+@functools.cache
+def _warps_per_cta(block_m: int, num_warps: int) -> tuple[int, int]:
+    """Warps along (M, N): 4-warp groups stacked along M while M has 16 rows a warp left, then along N."""
+    along_m, along_n = 4, 1
+    while along_m * along_n < num_warps:
+        if block_m > 16 * along_m:
+            along_m *= 2
+        else:
+            along_n *= 2
+    return along_m, along_n
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """(off_m, off_n) of output tile number `tile` in grouped order (GROUP_M row tiles share W tiles in L2)."""
+        pid_m, pid_n = _grouped_tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _load_stage(a_desc, w_desc, a_bufs, w_bufs, bars, produced, off_m, off_n, k, NUM_BUFFERS: gl.constexpr):
+        """TMA-load the K step at column k of tile (off_m, off_n) into stage produced % NUM_BUFFERS."""
+        index = produced % NUM_BUFFERS
+        bar = bars.index(index)
+        mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_bufs.index(index))
+        tma.async_copy_global_to_shared(w_desc, [off_n, k], bar, w_bufs.index(index))
+        return produced + 1
+
+    @gluon.jit
+    def _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, produced, tile, tiles, k_steps, M, N,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                     NUM_BUFFERS: gl.constexpr):
+        """Issue the first min(NUM_BUFFERS - 1, k_steps) loads of `tile` (nothing past the last tile)."""
+        if tile < tiles:
+            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            for s in range(0, gl.minimum(NUM_BUFFERS - 1, k_steps)):
+                produced = _load_stage(a_desc, w_desc, a_bufs, w_bufs, bars, produced, off_m, off_n, s * BLOCK_K,
+                                       NUM_BUFFERS)
+        return produced
+
+    @gluon.jit
+    def _int8_gemm_wgmma_kernel(
+        a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """C[M, N] = float(A . W^T) * sA[:, None] * sW[None, :] (+ bias); persistent: a grid of at most the
+        number of SMs (or twice that for tiles small enough for two programs an SM)."""
+        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                             instr_shape=[16, INSTR_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_K], a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K], w_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.init(bars.index(i), count=1)
+
+        tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        step = gl.num_programs(0)
+        produced = _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, gl.to_tensor(0), gl.program_id(0), tiles, k_steps, M, N,
+                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
+        consumed = gl.to_tensor(0)
+        for tile in range(gl.program_id(0), tiles, step):
+            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=acc_layout)
+            for kt in range(0, k_steps):
+                index = consumed % NUM_BUFFERS
+                mbarrier.wait(bars.index(index), (consumed // NUM_BUFFERS) & 1)
+                acc = warpgroup_mma(a_bufs.index(index), w_bufs.index(index).permute((1, 0)), acc, is_async=True)
+                # at most this step's MMA still runs: the stage the previous one read is free to refill
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                consumed += 1
+                if kt + NUM_BUFFERS - 1 < k_steps:
+                    produced = _load_stage(a_desc, w_desc, a_bufs, w_bufs, bars, produced, off_m, off_n,
+                                           (kt + NUM_BUFFERS - 1) * BLOCK_K, NUM_BUFFERS)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            # the next tile's first K steps load while this tile's epilogue runs
+            produced = _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, produced, tile + step, tiles, k_steps,
+                                    M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
+
+            offs_m = off_m + gl.arange(0, BLOCK_M, layout=rows_layout)
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=cols_layout)
+            a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+            w_scale = gl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+            out = acc.to(gl.float32) * a_scale[:, None] * w_scale[None, :]
+            if HAS_BIAS:
+                out += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+            tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+            c_smem.store(out.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)  # rows/cols past M, N are clipped
+        tma.store_wait(pendings=0)
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.invalidate(bars.index(i))
+
+
+WGMMA_CONFIGS = (
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, NUM_BUFFERS, programs per SM); shared memory a program = buffers *
+    # (BM + BN) * BK + BM * BN * 2 bytes; TMA block sides are powers of two. H100, 32760 tokens, in this order
+    # (bench/results/int8_gemm_wgmma_h100_d.json): FFN up 0.833 / 0.789 / 0.896 / 0.855 / 0.824 ms, FFN down
+    # 0.652 / 0.678 / 0.727 / 0.685 / 0.642 ms. Two programs an SM on 128x128x64 tiles (so that one's epilogue
+    # overlaps the other's MMAs) were slower: 0.90 and 1.22 ms at FFN up.
+    (128, 256, 128, 8, 3, 1),
+    (128, 256, 64, 8, 5, 1),
+    (128, 128, 128, 8, 4, 1),
+    (128, 128, 128, 4, 4, 1),
+    (128, 256, 64, 8, 4, 1),
+)
+DEFAULT_WGMMA_CONFIG = WGMMA_CONFIGS[0]
+_chosen: dict[tuple, tuple[int, ...]] = {}
+
+
+def available(device: Optional[torch.device] = None) -> bool:
+    """Whether the Gluon kernel can run: Gluon importable, a Hopper CUDA device (wgmma is Hopper's alone)."""
+    if gluon is None or not torch.cuda.is_available():
+        return False
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    return device.type == "cuda" and _is_hopper(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def unavailable_reason() -> str:
+    if gluon is None:
+        return f"Triton's Gluon is not importable ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return "the Gluon int8 kernel is written for Hopper (compute capability 9.x) wgmma"
+
+
+_TORCH_TO_GL = {}
+if gluon is not None:
+    _TORCH_TO_GL = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+                    torch.float32: gl.float32}
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), _TORCH_TO_GL[dtype])
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), block, _shared_layout(tuple(block), t.dtype))
+
+
+def wgmma_int8_matmul(q_act: torch.Tensor, act_scale: torch.Tensor, q_weight: torch.Tensor,
+                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+                      config: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """out[M, N] = float(q_act . q_weight^T) * act_scale[:, None] * weight_scale[None, :] (+ bias).
+
+    q_act int8 [M, K] and q_weight int8 [N, K] contiguous with 16-byte aligned rows (K % 16 == 0), scales
+    float32, out [M, N] bf16/fp16/fp32 with 16-byte aligned rows. Callers check `available()` first.
+    `config`: one of WGMMA_CONFIGS; by default the fastest for the shape (timed once, `_tuned_config`)."""
+    if config is None:
+        config = _tuned_config(q_act, act_scale, q_weight, weight_scale, bias, out)
+    _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config)
+    return out
+
+
+def _tuned_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> tuple[int, ...]:
+    """The fastest of WGMMA_CONFIGS for this (M, N, K, output dtype, bias), timed on the first call (all give
+    the same bits). A first call during CUDA-graph capture cannot time anything and takes the default."""
+    key = (q_act.shape[0], q_weight.shape[0], q_act.shape[1], out.dtype, bias is not None, q_act.device)
+    if key in _chosen:
+        return _chosen[key]
+    if torch.cuda.is_current_stream_capturing():
+        return DEFAULT_WGMMA_CONFIG
+    import triton.testing
+
+    timings = {}
+    for config in WGMMA_CONFIGS:
+        try:
+            timings[config] = triton.testing.do_bench(
+                lambda config=config: _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config),
+                warmup=5, rep=20, return_mode="median")
+        except Exception:  # e.g. shared memory a smaller GPU lacks: the other configurations remain
+            continue
+    _chosen[key] = min(timings, key=timings.get) if timings else DEFAULT_WGMMA_CONFIG
+    return _chosen[key]
+
+
+def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None:
+    block_m, block_n, block_k, warps, buffers, per_sm = config
+    rows, inner = q_act.shape
+    cols = q_weight.shape[0]
+    a_desc = _descriptor(q_act, [block_m, block_k])
+    w_desc = _descriptor(q_weight, [block_n, block_k])
+    c_desc = _descriptor(out, [block_m, block_n])
+    from turbodiffusion_core.kernels.triton_support import num_sms
+
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
+    warps_m, warps_n = _warps_per_cta(block_m, warps)
+    _int8_gemm_wgmma_kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
+        a_desc, w_desc, c_desc, act_scale, weight_scale, bias if bias is not None else act_scale,
+        rows, cols, inner,
+        HAS_BIAS=bias is not None, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
+        INSTR_N=_instr_n(block_m, block_n, warps), num_warps=warps,
+    )
+
+
+__all__ = ["WGMMA_CONFIGS", "available", "unavailable_reason", "wgmma_int8_matmul"]
