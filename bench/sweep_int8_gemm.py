@@ -60,6 +60,44 @@ def _time_wgmma_configs(bench, aq, as_, wq, ws, bias, ref_out) -> list[dict]:
     return rows
 
 
+def _norm_segment(bench, rk) -> dict:
+    """What the DiT runs for `h = LN(x) * (1 + scale) + shift; up(h)` (kernels/norm.py, 32,760 tokens, 1536 ->
+    8960), in ms: bf16 h and F.linear; int8 rows + scales from the norm kernel and the int8 GEMM; bf16 h and the
+    int8 linear with its own row quantizer. Relative errors against the float32 segment."""
+    from turbodiffusion_core.kernels.norm import residual_layernorm, residual_layernorm_reference
+    from turbodiffusion_core.quant.rowcol_int8 import quantize_int8_rowwise
+
+    m, k, n = SHAPES["ffn_up"]
+    torch.manual_seed(1)
+    x = torch.randn(1, m, k, device="cuda") * 2
+    shift, scale = (torch.randn(1, 1, k, device="cuda") * 0.5 for _ in range(2))
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    bias = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+    wq, ws = quantize_int8_rowwise(w)
+
+    def bf16():
+        return F.linear(residual_layernorm(x, shift=shift, scale=scale)[1], w, bias)
+
+    def int8_rows():
+        _, h, h_scale = residual_layernorm(x, shift=shift, scale=scale, out_dtype=torch.int8)
+        return rk.int8_rowcol_matmul(h.view(m, k), h_scale.view(m), wq, ws, bias)
+
+    def int8_linear():
+        return rk.int8_rowcol_linear(residual_layernorm(x, shift=shift, scale=scale)[1], wq, ws, bias)
+
+    _, h_ref, _ = residual_layernorm_reference(x, shift=shift, scale=scale, out_dtype=torch.float32)
+    dense = F.linear(h_ref.view(m, k), w.float(), bias.float())
+    out = {}
+    for name, fn in (("bf16 norm + F.linear", bf16), ("int8-row norm + int8 GEMM", int8_rows),
+                     ("bf16 norm + int8 linear", int8_linear)):
+        got = fn().float().view(m, n)
+        out[name] = {"ms": round(bench(fn), 4), "rel_err_vs_fp32": float((got - dense).norm() / dense.norm())}
+    base = out["bf16 norm + F.linear"]["ms"]
+    for name in out:
+        out[name]["speedup_vs_bf16"] = round(base / out[name]["ms"], 3)
+    return out
+
+
 def _host_overhead(rk, kernels: list[str]) -> dict:
     """Microseconds of host time per int8_rowcol_matmul call on a 128x1536x1536 GEMM (the GPU work is a few
     microseconds, so the launch path is what is timed), and per bf16 F.linear for scale."""
@@ -92,6 +130,9 @@ def main() -> int:
     ap.add_argument("--kernels", default="pointer,tma,tma-persistent,wgmma",
                     help="GEMM kernels (quant/rowcol_kernels.GEMM_KERNELS) to time autotuned, beside the tile sweep")
     ap.add_argument("--no-tiles", action="store_true", help="skip the pointer kernel's tile sweep")
+    ap.add_argument("--norm-segment", action="store_true",
+                    help="also the DiT's norm2 + FFN up segment: bf16 norm + F.linear against the norm writing int8 "
+                         "rows + the int8 GEMM, and against the bf16 norm + the whole int8 linear")
     ap.add_argument("--host-overhead", action="store_true",
                     help="also the host time of one call per kernel (a tiny GEMM, 300 calls, one sync)")
     args = ap.parse_args()
@@ -178,6 +219,9 @@ def main() -> int:
         row["failed_tiles"] = [t for t in tiles_ms if "error" in t][:10]
         record["shapes"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "failed_tiles"}), flush=True)
+    if args.norm_segment:
+        record["norm_ffn_up_segment"] = _norm_segment(bench, rk)
+        print("norm + FFN up", record["norm_ffn_up_segment"], flush=True)
     if args.host_overhead:
         record["host_us_per_call"] = _host_overhead(rk, args.kernels.split(","))
         print("host us per call", record["host_us_per_call"], flush=True)

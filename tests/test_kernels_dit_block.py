@@ -52,3 +52,39 @@ def test_fused_block_path_matches_the_unfused_one(attention, quant, monkeypatch)
     assert fused.shape == plain.shape and torch.isfinite(fused).all()
     # FP8: the fused path hands its linears e4m3 rows (W8A8), the unfused one runs them weight-only on the CPU
     assert rel_err(fused, plain) < (5e-2 if quant == "fp8" else 1e-4)
+
+
+@on_cpu
+def test_per_channel_int8_linears_take_int8_rows_from_the_norms(monkeypatch):
+    """With per-channel int8 linears the fused path's norms write int8 rows + scales (q, k and v share one
+    quantization; so do cross-attention q and the FFN up projection), and the result stays that of the
+    unfused path, which quantizes each linear's input itself."""
+    from turbodiffusion_core.quant.rowcol_int8 import Int8Rows
+    from turbodiffusion_core.quant.tile_int8 import TileInt8Linear
+
+    torch.manual_seed(12)
+    model = enliven_dit(WanModel(CFG, with_sla_proj=True, quant="int8")).eval()
+    layers = [m for m in model.modules() if isinstance(m, TileInt8Linear)]
+    for layer in layers:
+        layer.to_per_channel()
+    seen = []
+    real = TileInt8Linear.forward
+
+    def recording(self, x, act=None):
+        seen.append(isinstance(x, Int8Rows))
+        return real(self, x, act)
+
+    monkeypatch.setattr(TileInt8Linear, "forward", recording)
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([900.0]), torch.randn(1, 7, CFG.text_dim)
+    kw = {"attention": "sla", "sla_topk": 0.5}
+    fused = dit_forward(model, (x, t, ctx), fused=True, **kw)
+    assert sum(seen) == 5 * CFG.num_layers  # q, k, v, cross-attention q, FFN up
+    seen.clear()
+    plain = dit_forward(model, (x, t, ctx), fused=False, **kw)
+    assert not any(seen)
+    print("int8 rows, fused vs unfused:", rel_err(fused, plain))
+    assert torch.isfinite(fused).all() and rel_err(fused, plain) < 2e-2
+    tiles = TileInt8Linear(64, 64)  # tile layout: its kernel quantizes per tile, it cannot take int8 rows
+    rows = Int8Rows(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 1), torch.float32)
+    with pytest.raises(ValueError, match="per-channel"):
+        tiles(rows)

@@ -93,6 +93,21 @@ def test_modulated_norm_in_bf16_and_fp8_outputs():
 
 
 @on_cpu
+@pytest.mark.parametrize("case", ["modulate", "affine"])
+def test_int8_norm_output_equals_the_rowcol_quantizer(case):
+    """int8 rows + scales from the norm: `quantize_int8_rowwise` of the float32 output, bit for bit where the
+    float32 norm values agree (a value within rounding of a .5 step may round the other way)."""
+    x, y, (shift, scale, gate, *_), weight, bias = stream(2, 7, 96, seed=9)
+    kwargs = dict(shift=shift, scale=scale) if case == "modulate" else dict(gate=gate, weight=weight, bias=bias)
+    _, q, q_scale = norm.residual_layernorm(x, y, out_dtype=torch.int8, **kwargs)
+    _, ref_q, ref_scale = norm.residual_layernorm_reference(x, y, out_dtype=torch.int8, **kwargs)
+    assert q.dtype == torch.int8 and q.shape == x.shape and q_scale.shape == (14, 1)
+    assert torch.allclose(q_scale, ref_scale, rtol=1e-6)
+    assert (q != ref_q).float().mean() < 0.01 and (q.int() - ref_q.int()).abs().max() <= 1
+    assert q.abs().amax(dim=-1).eq(127).all()  # each row's largest value maps to 127 exactly
+
+
+@on_cpu
 def test_fp8_norm_output_feeds_the_fp8_gemm():
     """residual_layernorm's float8 rows and scales are `fp8_matmul`'s input format (no requantization)."""
     from turbodiffusion_core.quant.fp8 import dequantize_fp8_rowwise, quantize_fp8_rowwise
@@ -218,3 +233,17 @@ def test_gpu_fused_kernels_match_references():
     errs["rms_norm_rows"] = rel_err(rope.rms_norm_rows(q, wq, eps=1e-6), q_ref)
     print("fused kernels rel err:", {name: f"{err:.2e}" for name, err in errs.items()})
     assert all(err < 1e-2 for err in errs.values())
+
+
+@on_gpu
+@pytest.mark.gpu
+def test_gpu_int8_norm_output_equals_the_rowcol_quantizer():
+    """At the 1.3B width on the GPU, fresh inputs: int8 rows and scales as quantize_int8_rowwise makes them."""
+    seed = int(torch.randint(0, 2**31, ()))
+    x, y, (shift, scale, gate, *_), weight, bias = stream(2, 300, 1536, device="cuda", seed=seed)
+    _, q, q_scale = norm.residual_layernorm(x, y, shift=shift, scale=scale, out_dtype=torch.int8)
+    _, ref_q, ref_scale = norm.residual_layernorm_reference(x, y, shift=shift, scale=scale, out_dtype=torch.int8)
+    mismatch = float((q != ref_q).float().mean())
+    print(f"seed {seed}: int8 norm rows differing from the reference quantizer: {mismatch:.2e}")
+    assert torch.allclose(q_scale, ref_scale, rtol=1e-5) and mismatch < 1e-3
+    assert (q.int() - ref_q.int()).abs().max() <= 1

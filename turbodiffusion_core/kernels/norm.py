@@ -9,8 +9,9 @@ A Wan block touches its float32 residual stream x [B, L, C] in three places (mod
 
 Unfused, each line is 4-8 PyTorch kernels, each reading and writing the whole float32 stream (about 200
 MB at 480p for the 1.3B model). `residual_layernorm` does any such line as one row-wise kernel: read x
-(and y), optionally write the new x, write h in bf16 or as float8 e4m3 plus a per-row scale (the input
-format of `quant.kernels.fp8_matmul`), all math in float32.
+(and y), optionally write the new x, write h in bf16, or as float8 e4m3 plus a per-row scale (the input
+format of `quant.kernels.fp8_matmul`), or as int8 plus a per-row scale (`quant.rowcol_int8`'s rule, the input
+of `quant.rowcol_kernels.int8_rowcol_matmul`), all math in float32.
 
 Modulation tensors (shift, scale, gate) are [B, 1, C] (Wan2.1 / Wan2.2 A14B: one timestep per sample)
 or [B, L, C] (per-token), any strides with a contiguous last dim, e.g. slices of the [B, 6, C] table.
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from turbodiffusion_core.kernels.jit_math import round_to_e4m3
+from turbodiffusion_core.kernels.jit_math import rint, round_to_e4m3
 from turbodiffusion_core.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
 from turbodiffusion_core.quant.fp8 import quantize_fp8_rowwise
+from turbodiffusion_core.quant.rowcol_int8 import AMAX_FLOOR as INT8_AMAX_FLOOR
+from turbodiffusion_core.quant.rowcol_int8 import quantize_int8_rowwise
 
 LN_EPS = 1e-6
 
@@ -47,6 +50,7 @@ def _residual_norm_kernel(
     stride_gb, stride_gl, stride_shb, stride_shl, stride_scb, stride_scl,
     BLOCK_C: tl.constexpr, HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
     AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, FP8_OUT: tl.constexpr,
+    INT8_OUT: tl.constexpr,
 ):
     """Grid (B*L,): one row. x' = x + gate*y; h = LN(x') [*w + b] [*(1 + scale) + shift]."""
     row = tl.program_id(0).to(tl.int64)
@@ -79,6 +83,12 @@ def _residual_norm_kernel(
             row_scale = tl.maximum(tl.max(tl.abs(h), axis=0), amax_floor) / 448.0
             h = round_to_e4m3(tl.minimum(tl.maximum(h / row_scale, -448.0), 448.0))
             tl.store(h_scale_ptr + row, row_scale)
+        if INT8_OUT:  # quantize_int8_rowwise: x * (127/amax) rounded half-to-even, scale amax/127
+            h = tl.where(cmask, h, 0.0)
+            amax = tl.maximum(tl.max(tl.abs(h), axis=0), amax_floor)
+            qmax = tl.full([], 127.0, tl.float32)
+            h = tl.minimum(tl.maximum(rint(h * tl.math.div_rn(qmax, amax)), -127.0), 127.0)
+            tl.store(h_scale_ptr + row, tl.math.div_rn(amax, qmax))
         tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -124,12 +134,13 @@ def residual_layernorm(
         norm: compute h; False gives only the residual add.
         weight, bias: LayerNorm affine [C] (Wan's norm3), None for none.
         shift, scale: adaLN modulation [B, 1 or L, C], both or neither.
-        out_dtype: dtype of h; torch.float8_e4m3fn also returns its per-row scale amax/448.
+        out_dtype: dtype of h; torch.float8_e4m3fn also returns its per-row scale amax/448, torch.int8 its
+            per-row scale amax/127 (`quantize_int8_rowwise`).
         inplace: write x' into x (when x is contiguous) instead of a new tensor.
 
     Returns:
         (x', h, h_scale): x' is x itself when y is None; h None when norm is False; h_scale [B*L, 1]
-        float32 for float8 output, else None.
+        float32 for float8 or int8 output, else None.
     """
     if x.dim() != 3:
         raise ValueError(f"x must be [B, L, C], got {tuple(x.shape)}")
@@ -148,9 +159,9 @@ def residual_layernorm(
     else:
         x_out = x if inplace and x.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
         x_out_rows = x_out.view(-1, width)
-    fp8 = out_dtype == torch.float8_e4m3fn
+    fp8, int8 = out_dtype == torch.float8_e4m3fn, out_dtype == torch.int8
     h = torch.empty(batch * length, width, dtype=out_dtype, device=x.device) if norm else None
-    h_scale = torch.empty(batch * length, 1, dtype=torch.float32, device=x.device) if norm and fp8 else None
+    h_scale = torch.empty(batch * length, 1, dtype=torch.float32, device=x.device) if norm and (fp8 or int8) else None
     block_c = triton.next_power_of_2(width)
     placeholder = x_rows  # stands in for absent tensors; the constexpr flags keep it from being read
     weight = weight.contiguous() if weight is not None else None
@@ -160,12 +171,12 @@ def residual_layernorm(
         weight if weight is not None else placeholder, bias if bias is not None else placeholder,
         shift if shift is not None else placeholder, scale if scale is not None else placeholder,
         h if h is not None else placeholder, h_scale if h_scale is not None else placeholder,
-        width, length, eps, FP8_AMAX_FLOOR,
+        width, length, eps, INT8_AMAX_FLOOR if int8 else FP8_AMAX_FLOOR,
         x_rows.stride(0), y_rows.stride(0), x_out_rows.stride(0), width,
         gsb, gsl, shb, shl, scb, scl,
         BLOCK_C=block_c, HAS_Y=y is not None, HAS_GATE=gate is not None, NORM=norm,
         AFFINE=weight is not None, HAS_BIAS=bias is not None, MODULATE=shift is not None, FP8_OUT=fp8,
-        num_warps=4 if block_c <= 2048 else 8,
+        INT8_OUT=int8, num_warps=4 if block_c <= 2048 else 8,
     )
     if h is not None:
         h = h.view(batch, length, width)
@@ -222,6 +233,9 @@ def residual_layernorm_reference(
     h = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
     if shift is not None:
         h = h * (1 + scale) + shift
+    if out_dtype == torch.int8:
+        q, row_scale = quantize_int8_rowwise(h.reshape(-1, h.shape[-1]))
+        return x, q.view(h.shape), row_scale[:, None]
     if out_dtype != torch.float8_e4m3fn:
         return x, h.to(out_dtype), None
     q, row_scale = quantize_fp8_rowwise(h.reshape(-1, h.shape[-1]))

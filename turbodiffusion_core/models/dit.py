@@ -37,6 +37,7 @@ from turbodiffusion_core.attention.sdpa import sdpa_attention
 from turbodiffusion_core.models.configs import DiTConfig, get_dit_config
 from turbodiffusion_core.quant.base import QuantizedLinear
 from turbodiffusion_core.quant.fp8 import Fp8Rows
+from turbodiffusion_core.quant.rowcol_int8 import Int8Rows
 
 if TYPE_CHECKING:
     from turbodiffusion_core.parallel.ulysses import SPGroup
@@ -238,7 +239,8 @@ class WanAttentionBlock(nn.Module):
     def _forward_fused(self, x, context, rope, attn, topk, shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff):
         """The same block with the Triton kernels (kernels/norm.py, kernels/rope.py): each residual update
         and the LayerNorm + modulation after it are one pass over the float32 stream; when the linears
-        that read a norm's output are FP8, that pass also quantizes it (once for q, k and v together);
+        that read a norm's output are FP8 or per-channel int8, that pass also quantizes it (once for q, k
+        and v together);
         the FFN's GELU is fused into the down projection's activation quantizer when that layer is
         quantized."""
         from turbodiffusion_core.kernels.norm import residual_layernorm
@@ -264,15 +266,22 @@ class WanAttentionBlock(nn.Module):
 
 
 def _norm_out_dtype(dtype: torch.dtype, *readers: nn.Module) -> torch.dtype:
-    """e4m3 when every linear that reads the norm's output takes pre-quantized rows (FP8 W8A8), else dtype."""
+    """e4m3 (int8) when every linear that reads the norm's output takes pre-quantized FP8 (per-channel int8)
+    rows, else dtype."""
     if all(getattr(m, "takes_fp8_rows", False) for m in readers):
         return torch.float8_e4m3fn
+    if all(getattr(m, "takes_int8_rows", False) for m in readers):
+        return torch.int8
     return dtype
 
 
-def _linear_input(h: torch.Tensor, h_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | Fp8Rows:
-    """The norm's output as its linears take it: plain, or e4m3 rows with their scales."""
-    return h if h_scale is None else Fp8Rows(h, h_scale, dtype)
+def _linear_input(
+    h: torch.Tensor, h_scale: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor | Fp8Rows | Int8Rows:
+    """The norm's output as its linears take it: plain, or e4m3 / int8 rows with their scales."""
+    if h_scale is None:
+        return h
+    return Int8Rows(h, h_scale, dtype) if h.dtype == torch.int8 else Fp8Rows(h, h_scale, dtype)
 
 
 def _fused(x: torch.Tensor) -> bool:

@@ -3,10 +3,36 @@ dtype, building from a float Linear, and the choice between the GPU kernel and t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activations that arrive already quantized, one float32 scale per row (x ~= data * scale): what the fused
+    LayerNorm kernel writes so that the linears reading one normalised tensor (q, k and v) skip quantizing
+    it again each. `data` [..., K] (e4m3 or int8); `scale` float32 [M, 1] for its M rows; `dtype`: what the
+    linear returns. Subclasses name the format a layer accepts."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows live (what `kernels_usable` and the DiT's fused-path check read)."""
+        return self.data.device
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.data.reshape(-1, self.data.shape[-1]).float() * self.scale.reshape(-1, 1).float()
+        return rows.reshape(self.data.shape).to(self.dtype)
 
 
 class QuantizedLinear(nn.Module):

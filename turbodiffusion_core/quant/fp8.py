@@ -11,12 +11,12 @@ matmul. It runs anywhere and defines the numbers a fused FP8 GEMM must reproduce
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from turbodiffusion_core.quant.base import QuantizedLinear
+from turbodiffusion_core.quant.base import QuantizedLinear, QuantizedRows
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12
@@ -34,28 +34,9 @@ def dequantize_fp8_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return q.float() * scale.float()[:, None]
 
 
-class Fp8Rows(NamedTuple):
-    """Activations that arrive already quantized to e4m3, one float32 scale per row: what the fused
-    LayerNorm kernel (`kernels.norm.residual_layernorm(out_dtype=torch.float8_e4m3fn)`) writes, so the
-    linears that read one normalised tensor (q, k and v) skip quantizing it again each. `data`
-    float8_e4m3fn [..., K]; `scale` float32 [M, 1] for its M rows; `dtype`: what the linear returns."""
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    @property
-    def device(self) -> torch.device:
-        """Where the rows live (what `kernels_usable` and the DiT's fused-path check read)."""
-        return self.data.device
-
-    def dequantize(self) -> torch.Tensor:
-        rows = dequantize_fp8_rowwise(self.data.reshape(-1, self.data.shape[-1]), self.scale.reshape(-1))
-        return rows.reshape(self.data.shape).to(self.dtype)
+class Fp8Rows(QuantizedRows):
+    """e4m3 rows with their scales, as `kernels.norm.residual_layernorm(out_dtype=torch.float8_e4m3fn)` writes
+    them: the input `Fp8Linear` takes in place of x."""
 
 
 class Fp8Linear(QuantizedLinear):

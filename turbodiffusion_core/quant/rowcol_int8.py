@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from turbodiffusion_core.quant.base import QuantizedRows
+
 ROW_QMAX = 127.0
 AMAX_FLOOR = 1e-8
 EXACT_CHUNK = 128
@@ -41,6 +43,11 @@ def quantize_int8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
+
+
+class Int8Rows(QuantizedRows):
+    """int8 rows with their scales by this module's rule, as `kernels.norm.residual_layernorm(out_dtype=
+    torch.int8)` writes them: the input a per-channel `TileInt8Linear` takes in place of x."""
 
 
 def channel_int8_from_tiles(q_tiles: torch.Tensor, tile_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +87,7 @@ def w8a8_rowcol_reference(
 
 
 __all__ = [
+    "Int8Rows",
     "MAX_K",
     "channel_int8_from_tiles",
     "dequantize_int8_rowwise",

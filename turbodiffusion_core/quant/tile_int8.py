@@ -132,6 +132,30 @@ class TileInt8Linear(QuantizedLinear):
         """Whether the weight is held per output channel (rowcol) rather than in 128x128 tiles."""
         return self.scale.dim() == 1
 
+    @property
+    def takes_int8_rows(self) -> bool:
+        """Per channel, the layer's GEMM takes rows quantized by the norm before it (`Int8Rows`)."""
+        return self.per_channel
+
+    def forward(self, x, act: Optional[str] = None) -> torch.Tensor:
+        """As `QuantizedLinear.forward`; also takes `Int8Rows` (a per-channel layer only)."""
+        from turbodiffusion_core.quant.rowcol_int8 import Int8Rows
+
+        if not isinstance(x, Int8Rows):
+            return super().forward(x, act)
+        if act is not None or not self.per_channel:
+            raise ValueError("pre-quantized int8 rows need a per-channel layer and no activation")
+        from turbodiffusion_core.kernels.triton_support import kernels_usable
+
+        if x.data.is_cuda and kernels_usable(x.data):
+            from turbodiffusion_core.quant.rowcol_kernels import int8_rowcol_matmul
+
+            rows = x.data.reshape(-1, self.in_features)
+            out = int8_rowcol_matmul(rows, x.scale.reshape(-1), self.int8_weight, self.scale, self.bias,
+                                     out_dtype=x.dtype)
+            return out.reshape(*x.data.shape[:-1], self.out_features)
+        return self.reference_forward(x.dequantize())  # re-quantizing dequantized rows gives them back
+
     @staticmethod
     def _rowcol_runs_on(tensor: torch.Tensor) -> bool:
         """Whether forward would run the rowcol kernel on this tensor's device (as `QuantizedLinear.forward`
