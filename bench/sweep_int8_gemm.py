@@ -48,7 +48,7 @@ def _time_wgmma_configs(bench, aq, as_, wq, ws, bias, ref_out) -> list[dict]:
     if not wgmma_int8.available(aq.device):
         return [{"error": wgmma_int8.unavailable_reason()}]
     rows = []
-    for config in wgmma_int8.WGMMA_CONFIGS:
+    for config in wgmma_int8.fitting_configs(ref_out):
         out = torch.empty_like(ref_out)
         try:
             wgmma_int8.wgmma_int8_matmul(aq, as_, wq, ws, bias, out, config)

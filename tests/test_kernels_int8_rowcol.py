@@ -293,20 +293,44 @@ def test_gpu_tma_gemm_matches_pointer_gemm(kernel):
     assert rel_err(out, pointer) < 1e-6 and rel_err(out, ref) < 1e-2
 
 
+def test_int8_rows_give_the_product_of_the_rows_as_they_are():
+    """A per-channel layer fed `Int8Rows` (what the fused norm writes) computes from those int8 values and
+    scales directly, in bf16 too (dequantizing to bf16 and quantizing again would move some values)."""
+    from turbodiffusion_core.quant.rowcol_int8 import Int8Rows
+
+    x = activations(40, 256, dtype=torch.bfloat16, seed=4)
+    weight, bias = weights(48, 256)
+    layer = TileInt8Linear(256, 48)
+    layer.set_weight(weight)
+    layer.bias.copy_(bias)
+    layer.to_per_channel()
+    assert layer.takes_int8_rows
+    q, scale = quantize_int8_rowwise(x)
+    out = layer(Int8Rows(q.view(4, 10, 256), scale.view(40, 1), torch.bfloat16))
+    assert out.shape == (4, 10, 48) and out.dtype == torch.bfloat16
+    assert torch.equal(out.view(40, 48), w8a8_rowcol_reference(x, layer.int8_weight, layer.scale, layer.bias))
+    with pytest.raises(ValueError, match="no activation"):
+        layer(Int8Rows(q, scale.view(40, 1), torch.bfloat16), act="gelu_tanh")
+
+
 def test_wgmma_configs_fit_hopper_and_their_instruction_shapes():
     """Every Gluon GEMM configuration fits an H100's shared memory (with the programs an SM it asks for), its TMA
     blocks are powers of two, and the wgmma N it gets is one int8 wgmma takes and tiles BLOCK_N."""
     from turbodiffusion_core.quant import wgmma_int8
 
-    for block_m, block_n, block_k, warps, buffers, per_sm in wgmma_int8.WGMMA_CONFIGS:
-        shared = buffers * (block_m + block_n) * block_k + block_m * block_n * 2 + 1024
-        assert shared * per_sm <= 227 * 1024, (block_m, block_n, block_k, buffers, per_sm)
+    too_big_for_fp32 = []
+    for config in wgmma_int8.WGMMA_CONFIGS:
+        block_m, block_n, block_k, warps, buffers, per_sm = config
+        assert wgmma_int8.shared_memory_bytes(config, 2) * per_sm <= wgmma_int8.SHARED_MEMORY_FALLBACK, config
+        if wgmma_int8.shared_memory_bytes(config, 4) * per_sm > wgmma_int8.SHARED_MEMORY_FALLBACK:
+            too_big_for_fp32.append(config)  # a float32 output tile is twice as large: fitting_configs skips them
         assert all(x & (x - 1) == 0 for x in (block_m, block_n, block_k))
         n = wgmma_int8._instr_n(block_m, block_n, warps)
         assert n in wgmma_int8.INT8_WGMMA_N and block_n % n == 0
         along_m, along_n = wgmma_int8._warps_per_cta(block_m, warps)
         assert along_m * along_n == warps and block_m % (16 * along_m) == 0
     assert wgmma_int8._instr_n(128, 256, 8) == 128  # 256 is not an int8 wgmma width
+    assert wgmma_int8.DEFAULT_WGMMA_CONFIG in too_big_for_fp32 and len(too_big_for_fp32) < len(wgmma_int8.WGMMA_CONFIGS)
     if not torch.cuda.is_available():
         assert not wgmma_int8.available() and wgmma_int8.unavailable_reason()
 

@@ -315,7 +315,9 @@ def _sla_select_kernel(scores_ptr, lut_ptr, num_rows, num_kblocks, keep, ROWS: t
     set), and the keep-th largest key is found bit by bit from the top (a radix select: 32 rounds of one
     compare and one count per row, no sort). Every score above it is kept, and of those equal to it the first
     ones by index up to `keep` in all. Positions in the output row are a running count of the kept columns,
-    so the indices come out sorted."""
+    so the indices come out sorted. Bit patterns decide ties: -0.0 ranks just below +0.0, and a NaN ranks by
+    its bits (above +inf when its sign bit is clear, below -inf when set), where torch.topk ranks every NaN
+    first; block-map scores are dot products of finite values, so neither occurs there."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
     cols = tl.arange(0, NK_PAD)
@@ -417,8 +419,9 @@ def sla_prepare(
     """Block map (and, with `with_linear`, the linear branch's KV and ksum) for q, k, v [B, L, H, D].
 
     Any query / key block sizes of MAP_BLOCK_SIZES (the sla kernel itself takes blkq 128; the sagesla
-    backend uses the block sizes of SpargeAttn's kernels). The prep kernel sums q and k over blocks of the
-    smaller size; query and key blocks are sums of consecutive such blocks.
+    backend uses the block sizes of SpargeAttn's kernels). The prep kernel walks grains of the smaller block
+    size and writes a query- or key-block sum whenever a block of that size ends; its chunks hold whole
+    blocks of both sizes.
     """
     _check_inputs(q, k, v)
     _check_map_blocks(blkq, blkk)

@@ -80,10 +80,19 @@ def w8a8_rowcol_reference(
     out_features, in_features = q_weight.shape
     lead = x.shape[:-1]
     q_act, a_scale = quantize_int8_rowwise(x.reshape(-1, in_features))
-    out = int8_matmul_exact(q_act, q_weight).float() * a_scale[:, None] * w_scale.float()[None, :]
+    out = w8a8_rowcol_from_rows(q_act, a_scale, q_weight, w_scale, bias, x.dtype)
+    return out.reshape(*lead, out_features)
+
+
+def w8a8_rowcol_from_rows(
+    q_act: torch.Tensor, a_scale: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The same product for rows quantized already (int8 [M, K], scales [M]): what `int8_rowcol_matmul` computes."""
+    out = int8_matmul_exact(q_act, q_weight).float() * a_scale.float().reshape(-1, 1) * w_scale.float()[None, :]
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype).reshape(*lead, out_features)
+    return out.to(out_dtype)
 
 
 __all__ = [
@@ -93,5 +102,6 @@ __all__ = [
     "dequantize_int8_rowwise",
     "int8_matmul_exact",
     "quantize_int8_rowwise",
+    "w8a8_rowcol_from_rows",
     "w8a8_rowcol_reference",
 ]

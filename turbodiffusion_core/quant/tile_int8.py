@@ -146,15 +146,16 @@ class TileInt8Linear(QuantizedLinear):
         if act is not None or not self.per_channel:
             raise ValueError("pre-quantized int8 rows need a per-channel layer and no activation")
         from turbodiffusion_core.kernels.triton_support import kernels_usable
+        from turbodiffusion_core.quant.rowcol_int8 import w8a8_rowcol_from_rows
 
+        rows, row_scale = x.data.reshape(-1, self.in_features), x.scale.reshape(-1)
         if x.data.is_cuda and kernels_usable(x.data):
             from turbodiffusion_core.quant.rowcol_kernels import int8_rowcol_matmul
 
-            rows = x.data.reshape(-1, self.in_features)
-            out = int8_rowcol_matmul(rows, x.scale.reshape(-1), self.int8_weight, self.scale, self.bias,
-                                     out_dtype=x.dtype)
-            return out.reshape(*x.data.shape[:-1], self.out_features)
-        return self.reference_forward(x.dequantize())  # re-quantizing dequantized rows gives them back
+            out = int8_rowcol_matmul(rows, row_scale, self.int8_weight, self.scale, self.bias, out_dtype=x.dtype)
+        else:  # the same product in PyTorch, from the rows as they are
+            out = w8a8_rowcol_from_rows(rows, row_scale, self.int8_weight, self.scale, self.bias, x.dtype)
+        return out.reshape(*x.data.shape[:-1], self.out_features)
 
     @staticmethod
     def _rowcol_runs_on(tensor: torch.Tensor) -> bool:

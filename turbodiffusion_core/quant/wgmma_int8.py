@@ -11,7 +11,7 @@ loop is written out by hand:
 - each K step issues its wgmma asynchronously and then waits until at most one is in flight, so the next
   step's MMA is queued behind the current one and the tensor cores never wait for the issuing warps;
   the stage the finished MMA read is refilled right away (prefetch distance NUM_BUFFERS - 1);
-- persistent programs (one or two per SM) walk the output tiles in grouped order; the next tile's first loads are
+- persistent programs (one per SM) walk the output tiles in grouped order; the next tile's first loads are
   issued before this tile's epilogue, and the epilogue's TMA store runs while the next tile computes.
 
 Same sums and epilogue as `_int8_rowcol_gemm_kernel`: float32(int32 acc) * sA[m] * sW[n] (+ bias) -> the
@@ -23,6 +23,8 @@ can run here.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from typing import Optional
 
 import torch
@@ -105,7 +107,7 @@ if gluon is not None:
         WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[M, N] = float(A . W^T) * sA[:, None] * sW[None, :] (+ bias); persistent: a grid of at most the
-        number of SMs (or twice that for tiles small enough for two programs an SM)."""
+        number of SMs times the configuration's programs an SM."""
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -174,7 +176,30 @@ WGMMA_CONFIGS = (
     (128, 256, 64, 8, 4, 1),
 )
 DEFAULT_WGMMA_CONFIG = WGMMA_CONFIGS[0]
-_chosen: dict[tuple, tuple[int, ...]] = {}
+SHARED_MEMORY_FALLBACK = 227 * 1024
+"""Shared memory a block may opt into when torch does not report it (an H100's 227 KB)."""
+_chosen: dict[tuple, Optional[tuple[int, ...]]] = {}
+_tuning = threading.Lock()
+log = logging.getLogger(__name__)
+
+
+def shared_memory_bytes(config: tuple[int, ...], out_element_size: int) -> int:
+    """Shared memory one program of `config` allocates: the operand ring, the output tile, the barriers."""
+    block_m, block_n, block_k, _, buffers, _ = config
+    return buffers * (block_m + block_n) * block_k + block_m * block_n * out_element_size + 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_memory_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or SHARED_MEMORY_FALLBACK)
+
+
+def fitting_configs(out: torch.Tensor) -> list[tuple[int, ...]]:
+    """WGMMA_CONFIGS whose programs fit the device's shared memory with this output's element size (an fp32
+    output tile is twice a bf16 one)."""
+    limit = _shared_memory_limit(out.device.index if out.device.index is not None else torch.cuda.current_device())
+    return [c for c in WGMMA_CONFIGS if shared_memory_bytes(c, out.element_size()) * c[5] <= limit]
 
 
 def available(device: Optional[torch.device] = None) -> bool:
@@ -220,33 +245,56 @@ def wgmma_int8_matmul(q_act: torch.Tensor, act_scale: torch.Tensor, q_weight: to
 
     q_act int8 [M, K] and q_weight int8 [N, K] contiguous with 16-byte aligned rows (K % 16 == 0), scales
     float32, out [M, N] bf16/fp16/fp32 with 16-byte aligned rows. Callers check `available()` first.
-    `config`: one of WGMMA_CONFIGS; by default the fastest for the shape (timed once, `_tuned_config`)."""
+    `config`: one of WGMMA_CONFIGS; by default `pick_config`'s (ValueError when none fits)."""
     if config is None:
-        config = _tuned_config(q_act, act_scale, q_weight, weight_scale, bias, out)
+        config = pick_config(q_act, act_scale, q_weight, weight_scale, bias, out)
+        if config is None:
+            raise ValueError(f"no Gluon int8 GEMM configuration fits this GPU for a {out.dtype} output")
     _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config)
     return out
 
 
-def _tuned_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> tuple[int, ...]:
-    """The fastest of WGMMA_CONFIGS for this (M, N, K, output dtype, bias), timed on the first call (all give
-    the same bits). A first call during CUDA-graph capture cannot time anything and takes the default."""
+def pick_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> Optional[tuple[int, ...]]:
+    """The fastest fitting configuration for this (M, N, K, output dtype, bias), timed once on the first call
+    (all give the same bits); None when none compiles for this GPU (the caller runs another kernel).
+
+    Timing launches the candidates on the current stream, so a first call made while a CUDA graph is being
+    captured takes the first fitting configuration untimed (the pipeline's warm-up runs eagerly first)."""
     key = (q_act.shape[0], q_weight.shape[0], q_act.shape[1], out.dtype, bias is not None, q_act.device)
     if key in _chosen:
         return _chosen[key]
+    candidates = fitting_configs(out)
     if torch.cuda.is_current_stream_capturing():
-        return DEFAULT_WGMMA_CONFIG
-    import triton.testing
+        return candidates[0] if candidates else None
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 
-    timings = {}
-    for config in WGMMA_CONFIGS:
-        try:
-            timings[config] = triton.testing.do_bench(
-                lambda config=config: _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config),
-                warmup=5, rep=20, return_mode="median")
-        except Exception:  # e.g. shared memory a smaller GPU lacks: the other configurations remain
-            continue
-    _chosen[key] = min(timings, key=timings.get) if timings else DEFAULT_WGMMA_CONFIG
-    return _chosen[key]
+    with _tuning:
+        if key in _chosen:
+            return _chosen[key]
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = _time_ms(lambda config=config: _launch(q_act, act_scale, q_weight, weight_scale,
+                                                                         bias, out, config))
+            except (CompilationError, OutOfResources) as exc:
+                log.warning("int8 GEMM config %s does not run here: %s", config, str(exc).splitlines()[0][:200])
+        _chosen[key] = min(timings, key=timings.get) if timings else None
+        log.info("int8 GEMM %dx%dx%d -> %s: config %s (%s)", key[0], key[2], key[1], out.dtype, _chosen[key],
+                 ", ".join(f"{c}: {ms:.3f} ms" for c, ms in timings.items()))
+        return _chosen[key]
+
+
+def _time_ms(fn, reps: int = 10) -> float:
+    """Mean milliseconds of fn on the current stream (one untimed call first: compilation)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None:
@@ -268,4 +316,4 @@ def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None
     )
 
 
-__all__ = ["WGMMA_CONFIGS", "available", "unavailable_reason", "wgmma_int8_matmul"]
+__all__ = ["WGMMA_CONFIGS", "available", "fitting_configs", "pick_config", "unavailable_reason", "wgmma_int8_matmul"]
