@@ -191,8 +191,9 @@ def shared_memory_bytes(config: tuple[int, ...], out_element_size: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _shared_memory_limit(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or SHARED_MEMORY_FALLBACK)
+    """What one block may opt into: the SM's shared memory less the 1 KB the driver keeps (227 KB on Hopper)."""
+    per_sm = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_multiprocessor", 0)
+    return int(per_sm) - 1024 if per_sm else SHARED_MEMORY_FALLBACK
 
 
 def fitting_configs(out: torch.Tensor) -> list[tuple[int, ...]]:
