@@ -359,3 +359,43 @@ def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm():
                 err = rel_err(out, want)
                 print((rows, inner, cols), config, with_bias is not None, err)
                 assert err < 1e-6, (rows, inner, cols, config)
+
+
+@pytest.mark.parametrize("config_index", [0, 3])
+def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index):
+    """No GPU needed: Triton compiles the Gluon kernel for sm_90 (its wheel brings ptxas). Catches Gluon API
+    drift between Triton versions (3.9 renamed the TMA copies), and checks the point of the kernel: the PTX
+    keeps one wgmma group in flight (`wgmma.wait_group 1`) and moves tiles by TMA."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    if wgmma_int8.gluon is None:
+        pytest.skip(wgmma_int8.unavailable_reason())
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    config = wgmma_int8.WGMMA_CONFIGS[config_index]
+    block_m, block_n, block_k, warps, buffers, _ = config
+    inner = 1536
+    a = torch.empty(256, inner, dtype=torch.int8)
+    c = torch.empty(256, 256, dtype=torch.bfloat16)
+    scale = torch.empty(256, dtype=torch.float32)
+    args = dict(a_desc=wgmma_int8._descriptor(a, [block_m, block_k]), w_desc=wgmma_int8._descriptor(a, [block_n, block_k]),
+                c_desc=wgmma_int8._descriptor(c, [block_m, block_n]), a_scale_ptr=scale, w_scale_ptr=scale,
+                bias_ptr=scale, M=32760, N=8960, K=inner)
+    signature = {name: mangle_type(value) for name, value in args.items()}
+    warps_m, warps_n = wgmma_int8._warps_per_cta(block_m, warps)
+    constants = dict(HAS_BIAS=True, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
+                     INSTR_N=wgmma_int8._instr_n(block_m, block_n, warps), num_warps=warps)
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    source = GluonASTSource(wgmma_int8._int8_gemm_wgmma_kernel, signature,
+                            constexprs={(names.index(k),): v for k, v in constants.items()},
+                            attrs={(i,): [["tt.divisibility", 16]] for i in range(3, 9)})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
+    assert "wgmma.wait_group.sync.aligned 1" in ptx  # asynchronous across K steps
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads and store
+    assert compiled.metadata.shared <= wgmma_int8.shared_memory_bytes(config, 2)

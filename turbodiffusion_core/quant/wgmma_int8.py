@@ -39,6 +39,10 @@ try:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
+    # Triton 3.9 renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
+    # -> async_store; same arguments); the GPU image runs 3.6
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - Triton without Gluon
     gluon = None
@@ -84,8 +88,8 @@ if gluon is not None:
         index = produced % NUM_BUFFERS
         bar = bars.index(index)
         mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_bufs.index(index))
-        tma.async_copy_global_to_shared(w_desc, [off_n, k], bar, w_bufs.index(index))
+        _tma_load(a_desc, [off_m, k], bar, a_bufs.index(index))
+        _tma_load(w_desc, [off_n, k], bar, w_bufs.index(index))
         return produced + 1
 
     @gluon.jit
@@ -157,7 +161,7 @@ if gluon is not None:
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
             c_smem.store(out.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)  # rows/cols past M, N are clipped
+            _tma_store(c_desc, [off_m, off_n], c_smem)  # rows/cols past M, N are clipped
         tma.store_wait(pendings=0)
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.invalidate(bars.index(i))
