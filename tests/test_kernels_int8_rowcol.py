@@ -368,8 +368,12 @@ def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index
     keeps one wgmma group in flight (`wgmma.wait_group 1`) and moves tiles by TMA."""
     from turbodiffusion_core.quant import wgmma_int8
 
+    from turbodiffusion_core.kernels.triton_support import interpreting
+
     if wgmma_int8.gluon is None:
         pytest.skip(wgmma_int8.unavailable_reason())
+    if interpreting():  # Triton decorated the kernel for its interpreter in this process: nothing to compile
+        pytest.skip("compiles in the normal process; this one runs Triton's interpreter")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
