@@ -84,8 +84,13 @@ class QuantizedLinear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
-        """`act` ("gelu_tanh") is applied to x first: fused into the activation quantizer on the GPU."""
+    def forward(self, x: torch.Tensor | QuantizedRows, act: Optional[str] = None) -> torch.Tensor:
+        """`act` ("gelu_tanh") is applied to x first: fused into the activation quantizer on the GPU. Rows the
+        kernel before this layer quantized already (`QuantizedRows`) go to `rows_forward`."""
+        if isinstance(x, QuantizedRows):
+            if act is not None:
+                raise ValueError("no activation can be applied to already quantized rows")
+            return self.rows_forward(x)
         from turbodiffusion_core.kernels.triton_support import kernels_usable
 
         if x.is_cuda and kernels_usable(x):
@@ -93,6 +98,10 @@ class QuantizedLinear(nn.Module):
         if act == "gelu_tanh":
             x = nn.functional.gelu(x, approximate="tanh")
         return self.reference_forward(x)
+
+    def rows_forward(self, rows: QuantizedRows) -> torch.Tensor:
+        """The layer on pre-quantized rows; layers that take a rows format (their `takes_*_rows`) override it."""
+        raise ValueError(f"{type(self).__name__} does not take pre-quantized {type(rows).__name__}")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

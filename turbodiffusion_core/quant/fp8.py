@@ -47,16 +47,14 @@ class Fp8Linear(QuantizedLinear):
 
     takes_fp8_rows = True
 
-    def forward(self, x: torch.Tensor | Fp8Rows, act: Optional[str] = None) -> torch.Tensor:
-        if not isinstance(x, Fp8Rows):
-            return super().forward(x, act)
-        if act is not None:
-            raise ValueError("an activation cannot be applied to already quantized rows")
-        if x.data.is_cuda:
+    def rows_forward(self, rows: QuantizedRows) -> torch.Tensor:
+        if not isinstance(rows, Fp8Rows):
+            return super().rows_forward(rows)
+        if rows.data.is_cuda:
             from turbodiffusion_core.quant.kernels import fp8_matmul
 
-            return fp8_matmul(x.data, x.scale, self.weight, self.weight_scale, self.bias).to(x.dtype)
-        return self.reference_forward(x.dequantize())
+            return fp8_matmul(rows.data, rows.scale, self.weight, self.weight_scale, self.bias).to(rows.dtype)
+        return self.reference_forward(rows.dequantize())
 
     def register_weight(self, device: Optional[torch.device | str]) -> None:
         shape = (self.out_features, self.in_features)

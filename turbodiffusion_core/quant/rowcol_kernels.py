@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - older Triton
 
 from turbodiffusion_core.kernels.jit_math import rint
 from turbodiffusion_core.kernels.triton_support import autotune, num_sms
+from turbodiffusion_core.quant import wgmma_int8
 from turbodiffusion_core.quant.kernels import (_check_activation, _flat_rows, _gelu_amax, _gelu_extremes,
                                                 _gelu_extremes_init, _grouped_tile, _grouped_tile_of, _load_k_step,
                                                 _load_row_chunk, _store_tile)
@@ -313,13 +314,10 @@ def int8_rowcol_matmul(
     weight_scale = weight_scale.reshape(-1).float().contiguous()
     out = torch.empty(rows, out_features, dtype=out_dtype, device=q_act.device)
     if kernel == "wgmma":
-        if q_act.is_cuda and _tma_usable(q_act, q_weight, out):
-            from turbodiffusion_core.quant import wgmma_int8
-
-            if wgmma_int8.available(q_act.device):
-                config = wgmma_int8.pick_config(q_act, act_scale, q_weight, weight_scale, bias, out)
-                if config is not None:
-                    return wgmma_int8.wgmma_int8_matmul(q_act, act_scale, q_weight, weight_scale, bias, out, config)
+        if q_act.is_cuda and _tma_usable(q_act, q_weight, out) and wgmma_int8.available(q_act.device):
+            config = wgmma_int8.pick_config(q_act, act_scale, q_weight, weight_scale, bias, out)
+            if config is not None:
+                return wgmma_int8.wgmma_int8_matmul(q_act, act_scale, q_weight, weight_scale, bias, out, config)
         kernel = "tma-persistent"
     if kernel != "pointer" and _tma_usable(q_act, q_weight, out):
         _launch_tma_gemm(q_act, act_scale, q_weight, weight_scale, bias, out, persistent=kernel == "tma-persistent")

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from turbodiffusion_core.quant.base import QuantizedLinear
+from turbodiffusion_core.quant.base import QuantizedLinear, QuantizedRows
 
 TILE = 128
 INT8_QMAX = 128.0
@@ -137,25 +137,21 @@ class TileInt8Linear(QuantizedLinear):
         """Per channel, the layer's GEMM takes rows quantized by the norm before it (`Int8Rows`)."""
         return self.per_channel
 
-    def forward(self, x, act: Optional[str] = None) -> torch.Tensor:
-        """As `QuantizedLinear.forward`; also takes `Int8Rows` (a per-channel layer only)."""
-        from turbodiffusion_core.quant.rowcol_int8 import Int8Rows
-
-        if not isinstance(x, Int8Rows):
-            return super().forward(x, act)
-        if act is not None or not self.per_channel:
-            raise ValueError("pre-quantized int8 rows need a per-channel layer and no activation")
+    def rows_forward(self, rows: QuantizedRows) -> torch.Tensor:
+        """`Int8Rows` (a per-channel layer only): the rowcol GEMM on them as they are."""
         from turbodiffusion_core.kernels.triton_support import kernels_usable
-        from turbodiffusion_core.quant.rowcol_int8 import w8a8_rowcol_from_rows
+        from turbodiffusion_core.quant.rowcol_int8 import Int8Rows, w8a8_rowcol_from_rows
 
-        rows, row_scale = x.data.reshape(-1, self.in_features), x.scale.reshape(-1)
-        if x.data.is_cuda and kernels_usable(x.data):
+        if not isinstance(rows, Int8Rows) or not self.per_channel:
+            raise ValueError("pre-quantized int8 rows need a per-channel layer")
+        data, row_scale = rows.data.reshape(-1, self.in_features), rows.scale.reshape(-1)
+        if rows.data.is_cuda and kernels_usable(rows.data):
             from turbodiffusion_core.quant.rowcol_kernels import int8_rowcol_matmul
 
-            out = int8_rowcol_matmul(rows, row_scale, self.int8_weight, self.scale, self.bias, out_dtype=x.dtype)
+            out = int8_rowcol_matmul(data, row_scale, self.int8_weight, self.scale, self.bias, out_dtype=rows.dtype)
         else:  # the same product in PyTorch, from the rows as they are
-            out = w8a8_rowcol_from_rows(rows, row_scale, self.int8_weight, self.scale, self.bias, x.dtype)
-        return out.reshape(*x.data.shape[:-1], self.out_features)
+            out = w8a8_rowcol_from_rows(data, row_scale, self.int8_weight, self.scale, self.bias, rows.dtype)
+        return out.reshape(*rows.data.shape[:-1], self.out_features)
 
     @staticmethod
     def _rowcol_runs_on(tensor: torch.Tensor) -> bool:

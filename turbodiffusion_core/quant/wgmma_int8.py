@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import triton
 
+from turbodiffusion_core.kernels.triton_support import num_sms
 from turbodiffusion_core.quant.kernels import _grouped_tile_of
 
 try:
@@ -203,7 +204,7 @@ def _shared_memory_limit(index: int) -> int:
 def fitting_configs(out: torch.Tensor) -> list[tuple[int, ...]]:
     """WGMMA_CONFIGS whose programs fit the device's shared memory with this output's element size (an fp32
     output tile is twice a bf16 one)."""
-    limit = _shared_memory_limit(out.device.index if out.device.index is not None else torch.cuda.current_device())
+    limit = _shared_memory_limit(_cuda_index(out.device))
     return [c for c in WGMMA_CONFIGS if shared_memory_bytes(c, out.element_size()) * c[5] <= limit]
 
 
@@ -211,8 +212,13 @@ def available(device: Optional[torch.device] = None) -> bool:
     """Whether the Gluon kernel can run: Gluon importable, a Hopper CUDA device (wgmma is Hopper's alone)."""
     if gluon is None or not torch.cuda.is_available():
         return False
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    return device.type == "cuda" and _is_hopper(device.index if device.index is not None else torch.cuda.current_device())
+    device = device or torch.device("cuda")
+    return device.type == "cuda" and _is_hopper(_cuda_index(device))
+
+
+def _cuda_index(device: torch.device) -> int:
+    """A CUDA device's index ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=16)
@@ -309,8 +315,6 @@ def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None
     a_desc = _descriptor(q_act, [block_m, block_k])
     w_desc = _descriptor(q_weight, [block_n, block_k])
     c_desc = _descriptor(out, [block_m, block_n])
-    from turbodiffusion_core.kernels.triton_support import num_sms
-
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
     warps_m, warps_n = _warps_per_cta(block_m, warps)
     _int8_gemm_wgmma_kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
