@@ -320,7 +320,7 @@ def test_wgmma_configs_fit_hopper_and_their_instruction_shapes():
 
     too_big_for_fp32 = []
     for config in wgmma_int8.WGMMA_CONFIGS:
-        block_m, block_n, block_k, warps, buffers, per_sm = config
+        block_m, block_n, block_k, warps, buffers, per_sm, specialized = config
         assert wgmma_int8.shared_memory_bytes(config, 2) * per_sm <= wgmma_int8.SHARED_MEMORY_FALLBACK, config
         if wgmma_int8.shared_memory_bytes(config, 4) * per_sm > wgmma_int8.SHARED_MEMORY_FALLBACK:
             too_big_for_fp32.append(config)  # a float32 output tile is twice as large: fitting_configs skips them
@@ -337,10 +337,15 @@ def test_wgmma_configs_fit_hopper_and_their_instruction_shapes():
 
 @on_gpu
 @pytest.mark.gpu
-def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm():
-    """The Gluon kernel at each of its configurations, on shapes with ragged M and N, K shorter than the
-    prefetch distance and K not a multiple of BLOCK_K, and more tiles than SMs (persistent loop, phases)."""
+@pytest.mark.parametrize("prefetch_scales", [True, False])
+def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm(prefetch_scales, monkeypatch):
+    """The Gluon kernels (single-partition and warp-specialized) at each of their configurations, with the
+    scales prefetched into shared memory or loaded in the epilogue, on shapes with ragged M and N, K shorter
+    than the prefetch distance and K not a multiple of BLOCK_K, and more tiles than SMs (persistent loop,
+    barrier phases over several passes of the ring)."""
     from turbodiffusion_core.quant import wgmma_int8
+
+    monkeypatch.setattr(wgmma_int8, "PREFETCH_SCALES", prefetch_scales)
 
     if not wgmma_int8.available():
         pytest.skip(wgmma_int8.unavailable_reason())
@@ -361,11 +366,15 @@ def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm():
                 assert err < 1e-6, (rows, inner, cols, config)
 
 
-@pytest.mark.parametrize("config_index", [0, 3])
-def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index):
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("config_index", [0, 3, 4])
+def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index, ragged):
     """No GPU needed: Triton compiles the Gluon kernel for sm_90 (its wheel brings ptxas). Catches Gluon API
     drift between Triton versions (3.9 renamed the TMA copies), and checks the point of the kernel: the PTX
-    keeps one wgmma group in flight (`wgmma.wait_group 1`) and moves tiles by TMA."""
+    keeps one wgmma group in flight (`wgmma.wait_group 1`) and moves tiles by TMA; the warp-specialized one
+    moves registers from the loader warp to the MMA warps and hands stages back by mbarrier arrivals.
+    `ragged`: M, N, K without Triton's divisible-by-16 specialization (N = 1032, say), where the bf16 bias
+    prefetch once asked for 2-byte cp.async copies and failed to lower."""
     from turbodiffusion_core.quant import wgmma_int8
 
     from turbodiffusion_core.kernels.triton_support import interpreting
@@ -380,26 +389,33 @@ def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index
     from triton.runtime.jit import mangle_type
 
     config = wgmma_int8.WGMMA_CONFIGS[config_index]
-    block_m, block_n, block_k, warps, buffers, _ = config
+    block_m, block_n, block_k, warps, buffers, _, specialized = config
     inner = 1536
     a = torch.empty(256, inner, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=torch.bfloat16)
     scale = torch.empty(256, dtype=torch.float32)
     args = dict(a_desc=wgmma_int8._descriptor(a, [block_m, block_k]), w_desc=wgmma_int8._descriptor(a, [block_n, block_k]),
                 c_desc=wgmma_int8._descriptor(c, [block_m, block_n]), a_scale_ptr=scale, w_scale_ptr=scale,
-                bias_ptr=scale, M=32760, N=8960, K=inner)
+                bias_ptr=torch.empty(256, dtype=torch.bfloat16), M=32760, N=8960, K=inner)
     signature = {name: mangle_type(value) for name, value in args.items()}
     warps_m, warps_n = wgmma_int8._warps_per_cta(block_m, warps)
     constants = dict(HAS_BIAS=True, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
-                     INSTR_N=wgmma_int8._instr_n(block_m, block_n, warps), num_warps=warps)
+                     INSTR_N=wgmma_int8._instr_n(block_m, block_n, warps), PREFETCH=True, num_warps=warps)
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
-    source = GluonASTSource(wgmma_int8._int8_gemm_wgmma_kernel, signature,
-                            constexprs={(names.index(k),): v for k, v in constants.items()},
-                            attrs={(i,): [["tt.divisibility", 16]] for i in range(3, 9)})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    kernel = wgmma_int8._int8_gemm_ws_kernel if specialized else wgmma_int8._int8_gemm_wgmma_kernel
+    source = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                            attrs={(i,): [["tt.divisibility", 16]] for i in range(3, 6 if ragged else 9)})
+    options = {"num_warps": warps}
+    if specialized:
+        options["maxnreg"] = wgmma_int8.max_registers(warps, specialized)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # asynchronous across K steps
     assert "cp.async.bulk.tensor" in ptx  # TMA loads and store
+    assert "cp.async.cg.shared.global" in ptx or "cp.async.ca.shared.global" in ptx  # scales prefetched
     assert compiled.metadata.shared <= wgmma_int8.shared_memory_bytes(config, 2)
+    if specialized:
+        assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx and "setmaxnreg.inc" in ptx
+        assert "mbarrier.arrive.shared" in ptx

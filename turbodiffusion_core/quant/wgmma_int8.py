@@ -12,7 +12,17 @@ loop is written out by hand:
   step's MMA is queued behind the current one and the tensor cores never wait for the issuing warps;
   the stage the finished MMA read is refilled right away (prefetch distance NUM_BUFFERS - 1);
 - persistent programs (one per SM) walk the output tiles in grouped order; the next tile's first loads are
-  issued before this tile's epilogue, and the epilogue's TMA store runs while the next tile computes.
+  issued before this tile's epilogue, and the epilogue's TMA store runs while the next tile computes;
+- each tile's row scales, column scales and bias are copied into shared memory (cp.async) when the tile
+  starts, so the epilogue reads them there instead of waiting on global loads after the last MMA.
+
+Two kernels share those parts. `_int8_gemm_wgmma_kernel` runs everything in the same warps: the MMA warps
+issue the TMA loads themselves, and the compiler puts block-wide barriers around each refill. The default,
+`_int8_gemm_ws_kernel`, is warp-specialized (`gl.warp_specialize`): a one-warp loader partition (24
+registers, the rest handed to the MMA warps with setmaxnreg) walks the same tiles and K steps and refills a
+stage as soon as the MMA warps release it with an mbarrier arrival, so loading runs ahead through the
+epilogue and across tiles without stopping the MMA warps. H100, FFN up 32760x1536 -> 8960: 0.71-0.72 ms
+against 0.78-0.81 for the single-partition kernel (bench/results/int8_gemm_ws_h100.json).
 
 Same sums and epilogue as `_int8_rowcol_gemm_kernel`: float32(int32 acc) * sA[m] * sW[n] (+ bias) -> the
 output dtype, so the result equals it bit for bit up to the compiler's multiply-add fusion.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from typing import Optional
 
@@ -36,6 +47,7 @@ from turbodiffusion_core.quant.kernels import _grouped_tile_of
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
@@ -44,6 +56,8 @@ try:
     # -> async_store; same arguments); the GPU image runs 3.6
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # same rename
+    _block_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.9: barrier()
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - Triton without Gluon
     gluon = None
@@ -106,10 +120,85 @@ if gluon is not None:
         return produced
 
     @gluon.jit
+    def _prefetch_scales(a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N,
+                         HAS_BIAS: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Start copying this tile's row scales, column scales and bias into shared memory (cp.async, one
+        group): they arrive while the tile's MMAs run instead of being waited for in the epilogue."""
+        f32_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [NUM_WARPS, 1], [1, 0])
+        rows = off_m + gl.arange(0, a_s.type.shape[0], layout=f32_layout)
+        _cp_async(a_s, a_scale_ptr + rows, mask=rows < M)
+        cols = off_n + gl.arange(0, w_s.type.shape[0], layout=f32_layout)
+        _cp_async(w_s, w_scale_ptr + cols, mask=cols < N)
+        if HAS_BIAS:
+            # cp.async moves at least 4 bytes: the bf16 bias goes as [BLOCK_N / 2, 2] pairs, each pair in or
+            # out of N as a whole (N is even: the output's rows are 16-byte aligned)
+            PAIRS: gl.constexpr = b_s.type.shape[0] // 2
+            first = off_n + 2 * gl.arange(0, PAIRS, layout=gl.SliceLayout(1, pair_layout))
+            pairs = first[:, None] + gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))[None, :]
+            inside = gl.broadcast(first[:, None] < N, pairs)[0]
+            _cp_async(b_s.reshape([PAIRS, 2]), bias_ptr + pairs, mask=inside)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _start_tile(tile, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, GROUP_M: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr, NUM_WARPS: gl.constexpr,
+                    acc_layout: gl.constexpr):
+        """(off_m, off_n) of `tile`, a zero accumulator, and with PREFETCH the tile's scales and bias on their way
+        into shared memory (the previous tile's epilogue has read them: a barrier precedes its TMA store)."""
+        BLOCK_M: gl.constexpr = a_s.type.shape[0]
+        BLOCK_N: gl.constexpr = w_s.type.shape[0]
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if PREFETCH:
+            _prefetch_scales(a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS,
+                             NUM_WARPS)
+        return off_m, off_n, gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=acc_layout)
+
+    @gluon.jit
+    def _epilogue(acc, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N,
+                  HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr):
+        """float32(acc) * sA[m] * sW[n] (+ bias) -> c_smem -> TMA store (rows/cols past M, N are clipped); the
+        scales from shared memory when `_prefetch_scales` brought them, else from global memory."""
+        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        rows_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
+        if PREFETCH:
+            async_copy.wait_group(0)
+            _block_barrier()  # every thread's copies are in
+            a_scale = a_s.load(rows_layout)
+            w_scale = w_s.load(cols_layout)
+        else:
+            offs_m = off_m + gl.arange(0, BLOCK_M, layout=rows_layout)
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=cols_layout)
+            a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+            w_scale = gl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = acc.to(gl.float32) * a_scale[:, None] * w_scale[None, :]
+        if HAS_BIAS:
+            if PREFETCH:
+                bias = b_s.load(cols_layout)
+            else:
+                bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            out += bias.to(gl.float32)[None, :]
+        tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+        c_smem.store(out.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m, off_n], c_smem)
+
+    @gluon.jit
+    def _scale_buffers(a_scale_ptr, bias_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
+        w_s = gl.allocate_shared_memory(gl.float32, [BLOCK_N], vec_layout)
+        b_s = gl.allocate_shared_memory(bias_ptr.dtype.element_ty, [BLOCK_N], vec_layout)
+        return a_s, w_s, b_s
+
+    @gluon.jit
     def _int8_gemm_wgmma_kernel(
         a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
         HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
+        WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """C[M, N] = float(A . W^T) * sA[:, None] * sW[None, :] (+ bias); persistent: a grid of at most the
         number of SMs times the configuration's programs an SM."""
@@ -118,9 +207,8 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
                                                              instr_shape=[16, INSTR_N, 32])
-        rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
 
+        a_s, w_s, b_s = _scale_buffers(a_scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_K], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K], w_desc.layout)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
@@ -135,8 +223,8 @@ if gluon is not None:
                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
         consumed = gl.to_tensor(0)
         for tile in range(gl.program_id(0), tiles, step):
-            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=acc_layout)
+            off_m, off_n, acc = _start_tile(tile, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, GROUP_M,
+                                            HAS_BIAS, PREFETCH, num_warps, acc_layout)
             for kt in range(0, k_steps):
                 index = consumed % NUM_BUFFERS
                 mbarrier.wait(bars.index(index), (consumed // NUM_BUFFERS) & 1)
@@ -151,36 +239,114 @@ if gluon is not None:
             # the next tile's first K steps load while this tile's epilogue runs
             produced = _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, produced, tile + step, tiles, k_steps,
                                     M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
-
-            offs_m = off_m + gl.arange(0, BLOCK_M, layout=rows_layout)
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=cols_layout)
-            a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-            w_scale = gl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-            out = acc.to(gl.float32) * a_scale[:, None] * w_scale[None, :]
-            if HAS_BIAS:
-                out += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-            tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-            c_smem.store(out.to(c_desc.dtype))
-            fence_async_shared()
-            _tma_store(c_desc, [off_m, off_n], c_smem)  # rows/cols past M, N are clipped
+            _epilogue(acc, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N,
+                      HAS_BIAS, PREFETCH)
         tma.store_wait(pendings=0)
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.invalidate(bars.index(i))
 
 
+    @gluon.jit
+    def _ws_loader(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr):
+        """Loader partition (one warp): walks the program's tiles and K steps in the consumers' order and
+        TMA-loads each step into the next free stage (waits for the consumers to release it)."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        NUM_BUFFERS: gl.constexpr = a_bufs.type.shape[0]
+        tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        produced = 0
+        for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            for kt in range(0, k_steps):
+                index = produced % NUM_BUFFERS
+                # a fresh barrier counts as released once (parity 1): the first pass does not wait
+                mbarrier.wait(empty.index(index), ((produced // NUM_BUFFERS) & 1) ^ 1)
+                bar = ready.index(index)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(a_desc, [off_m, kt * BLOCK_K], bar, a_bufs.index(index))
+                _tma_load(w_desc, [off_n, kt * BLOCK_K], bar, w_bufs.index(index))
+                produced += 1
+
+    @gluon.jit
+    def _ws_consumer(a_bufs, w_bufs, ready, empty, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr,
+                     bias_ptr, M, N, K, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                     WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr):
+        """Default partition (the kernel's num_warps): the MMAs (one wgmma group kept in flight, each stage
+        released as soon as the MMA reading it is done) and the epilogue, tile after tile."""
+        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        NUM_BUFFERS: gl.constexpr = a_bufs.type.shape[0]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                             instr_shape=[16, INSTR_N, 32])
+        tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        consumed = 0
+        for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+            off_m, off_n, acc = _start_tile(tile, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, GROUP_M,
+                                            HAS_BIAS, PREFETCH, WARPS_M * WARPS_N, acc_layout)
+            for kt in range(0, k_steps):
+                index = consumed % NUM_BUFFERS
+                mbarrier.wait(ready.index(index), (consumed // NUM_BUFFERS) & 1)
+                acc = warpgroup_mma(a_bufs.index(index), w_bufs.index(index).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                # the previous step's MMA is done: its stage goes back to the loader
+                mbarrier.arrive(empty.index((consumed + NUM_BUFFERS - 1) % NUM_BUFFERS), pred=kt > 0)
+                consumed += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((consumed + NUM_BUFFERS - 1) % NUM_BUFFERS))
+            _epilogue(acc, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N,
+                      HAS_BIAS, PREFETCH)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _int8_gemm_ws_kernel(
+        a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+        WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """The same product as `_int8_gemm_wgmma_kernel`, warp-specialized: a one-warp loader partition keeps
+        the stage ring full (across tiles, through the epilogue) while the MMA warps only wait on mbarriers,
+        with no block-wide barrier inside the K loop."""
+        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_K], a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K], w_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+        a_s, w_s, b_s = _scale_buffers(a_scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_BUFFERS):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_ws_consumer, (a_bufs, w_bufs, ready, empty, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr,
+                            bias_ptr, M, N, K, HAS_BIAS, GROUP_M, BLOCK_K, WARPS_M, WARPS_N, INSTR_N, PREFETCH)),
+            (_ws_loader, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M)),
+        ], [1], [24])
+
+
 WGMMA_CONFIGS = (
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, NUM_BUFFERS, programs per SM); shared memory a program = buffers *
-    # (BM + BN) * BK + BM * BN * 2 bytes; TMA block sides are powers of two. H100, 32760 tokens, in this order
-    # (bench/results/int8_gemm_wgmma_h100_d.json): FFN up 0.833 / 0.789 / 0.896 / 0.855 / 0.824 ms, FFN down
-    # 0.652 / 0.678 / 0.727 / 0.685 / 0.642 ms. Two programs an SM on 128x128x64 tiles (so that one's epilogue
-    # overlaps the other's MMAs) were slower: 0.90 and 1.22 ms at FFN up.
-    (128, 256, 128, 8, 3, 1),
-    (128, 256, 64, 8, 5, 1),
-    (128, 128, 128, 8, 4, 1),
-    (128, 128, 128, 4, 4, 1),
-    (128, 256, 64, 8, 4, 1),
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, NUM_BUFFERS, programs per SM, warp-specialized); shared memory a
+    # program = buffers * (BM + BN) * BK + BM * BN * out bytes (+ scales, barriers); TMA block sides are powers
+    # of two. H100, 32760 tokens, scales prefetched, in this order (bench/results/int8_gemm_ws_h100.json):
+    # FFN up 0.724 / 0.714 / 0.722 / 0.748 / 0.813 / 0.787 ms, FFN down 0.634 / 0.650 / 0.660 / 0.680 / 0.639 /
+    # 0.650 ms. Dropped: 128x128x128 with 8 warps (0.870 / 0.743), 128x256x64 with 4 or 6 buffers unspecialized
+    # (0.811 / 0.776 at FFN up), two programs an SM on 128x128x64 tiles (0.90 and 1.22 ms at FFN up).
+    (128, 256, 64, 8, 5, 1, 1),
+    (128, 256, 64, 8, 6, 1, 1),
+    (128, 256, 128, 8, 3, 1, 1),
+    (128, 128, 128, 4, 4, 1, 1),
+    (128, 256, 128, 8, 3, 1, 0),
+    (128, 256, 64, 8, 5, 1, 0),
 )
 DEFAULT_WGMMA_CONFIG = WGMMA_CONFIGS[0]
+PREFETCH_SCALES = os.environ.get("TD_WGMMA_PREFETCH_SCALES", "1") != "0"
+"""Copy each tile's scales and bias into shared memory while its MMAs run (cp.async) instead of loading them
+from global memory in the epilogue (TD_WGMMA_PREFETCH_SCALES=0: the latter; same bits either way)."""
 SHARED_MEMORY_FALLBACK = 227 * 1024
 """Shared memory a block may opt into when torch does not report it (an H100's 227 KB)."""
 _chosen: dict[tuple, Optional[tuple[int, ...]]] = {}
@@ -190,8 +356,8 @@ log = logging.getLogger(__name__)
 
 def shared_memory_bytes(config: tuple[int, ...], out_element_size: int) -> int:
     """Shared memory one program of `config` allocates: the operand ring, the output tile, the barriers."""
-    block_m, block_n, block_k, _, buffers, _ = config
-    return buffers * (block_m + block_n) * block_k + block_m * block_n * out_element_size + 1024
+    block_m, block_n, block_k, _, buffers, _, _ = config
+    return buffers * (block_m + block_n) * block_k + block_m * block_n * out_element_size + 1024 + 3 * 4 * block_n
 
 
 @functools.lru_cache(maxsize=16)
@@ -308,8 +474,18 @@ def _time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def max_registers(num_warps: int, specialized: int) -> Optional[int]:
+    """Registers a thread for a warp-specialized launch (None otherwise): the register file (64K) over the
+    warps the kernel occupies (its num_warps plus the loader warp, rounded up to whole warpgroups), a multiple
+    of 8 and at most 256. The loader gives back all but 24 and the MMA warps take them up."""
+    if not specialized:
+        return None
+    warps = -(-(num_warps + 1) // 4) * 4
+    return min(256, 65536 // (warps * 32) // 8 * 8)
+
+
 def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None:
-    block_m, block_n, block_k, warps, buffers, per_sm = config
+    block_m, block_n, block_k, warps, buffers, per_sm, specialized = config
     rows, inner = q_act.shape
     cols = q_weight.shape[0]
     a_desc = _descriptor(q_act, [block_m, block_k])
@@ -317,11 +493,14 @@ def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None
     c_desc = _descriptor(out, [block_m, block_n])
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
     warps_m, warps_n = _warps_per_cta(block_m, warps)
-    _int8_gemm_wgmma_kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
+    kernel, extra = _int8_gemm_wgmma_kernel, {}
+    if specialized:
+        kernel, extra = _int8_gemm_ws_kernel, {"maxnreg": max_registers(warps, specialized)}
+    kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
         a_desc, w_desc, c_desc, act_scale, weight_scale, bias if bias is not None else act_scale,
         rows, cols, inner,
         HAS_BIAS=bias is not None, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
-        INSTR_N=_instr_n(block_m, block_n, warps), num_warps=warps,
+        INSTR_N=_instr_n(block_m, block_n, warps), PREFETCH=PREFETCH_SCALES, num_warps=warps, **extra,
     )
 
 
