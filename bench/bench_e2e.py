@@ -229,6 +229,8 @@ class Bench:
         self.cfg = dict(SMOKE if args.smoke else REAL)
         if args.attention:
             self.cfg["attention"] = args.attention
+        if args.quant:
+            self.cfg["quant"] = args.quant
         self.started = time.perf_counter()
         self.workdir = Path(tempfile.mkdtemp(prefix="td-e2e-"))
         self.state: dict[str, Any] = {}
@@ -781,6 +783,8 @@ def main() -> int:
     ap.add_argument("--attention", default=None, choices=["sla", "sagesla", "auto", "original"],
                     help="attention backend of the pipelines (default sla, our Triton kernel; auto: what a worker "
                          "picks by default)")
+    ap.add_argument("--quant", default=None, choices=["fp8", "int8"],
+                    help="the DiTs' block linears (default fp8; int8: per channel, the Gluon GEMM on Hopper)")
     ap.add_argument("--memory-cap-gb", type=float, default=None,
                     help="t2v_14b: once the models are built (in bf16, then quantized: the bench's own way, not the "
                          "loader's), keep the text encoder in fp8 on the GPU (placement gpu-fp8) and let the process "

@@ -86,3 +86,19 @@ def test_quant_auto_is_refused_for_several_gpus(tmp_path):
 
     with pytest.raises(ValueError, match="quant=auto is not available with several GPUs"):
         load_experts("tiny-t2v", models_dir=tmp_path, device=torch.device("cpu"), quant="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_auto_quantizes_to_the_faster_format_of_the_device():
+    """Where the Gluon int8 GEMM runs (Hopper), "auto" quantizes to int8 (faster and closer to bf16 there);
+    on other GPUs fp8 from Ada on, int8 before."""
+    from turbodiffusion_core.pipeline import quantized_format_for
+    from turbodiffusion_core.quant import wgmma_int8
+
+    device = torch.device("cuda")
+    chosen = quantized_format_for(device)
+    if wgmma_int8.available(device):
+        assert torch.cuda.get_device_capability(device)[0] == 9 and chosen == "int8"
+    else:
+        assert chosen == ("fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8")

@@ -201,7 +201,8 @@ def _add_plan(sub) -> None:
                                                            "(default %(default)s)")
     p.add_argument("--model", action="append", choices=[k for k in spec.PRESETS if not spec.PRESETS[k].tiny],
                    help="preset(s) to plan (default: every non-tiny preset)")
-    p.add_argument("--no-fp8", action="store_true", help="a GPU without fp8 (before Ada/Hopper): int8 instead")
+    p.add_argument("--no-fp8", action="store_true", help="plan with int8 rather than fp8 for the quantized linears (the same size; the loader picks "
+                        "int8 on Hopper and before Ada, fp8 on other GPUs)")
     p.add_argument("--text-encoder", default="auto", choices=("auto", "gpu", "gpu-fp8", "cpu"),
                    help="text encoder placement to plan with (TD_TEXT_ENCODER; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -8,8 +8,9 @@ This module makes the same choices for a *given* memory size, so the README's pr
 40 or 80 GB card:
 
 - quant "auto": bf16 weights when every expert, the text encoder and the reserve fit in bf16 (best
-  quality); otherwise the experts' block linears in fp8 (e4m3, Ada/Hopper) or int8 (the released `-quant`
-  format, any CUDA GPU), which halves them (for I2V: two quantized experts resident rather than one bf16
+  quality); otherwise the experts' block linears in int8 (per channel; on Hopper, where our Gluon GEMM
+  makes it the faster of the two, and on GPUs before Ada) or fp8 (e4m3, Ada and newer but not Hopper),
+  which halves them (for I2V: two quantized experts resident rather than one bf16
   expert streamed in and out on every request).
 - text encoder "auto": on the GPU when it fits beside the expert(s) and the reserve, else in host memory
   (a new prompt then takes seconds; repeated prompts come from the embedding cache). "gpu-fp8" (only when

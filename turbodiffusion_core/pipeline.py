@@ -214,12 +214,25 @@ def _yuv420_planes(u8: torch.Tensor) -> torch.Tensor:
     return planes.round_().clamp_(0, 255).to(torch.uint8).view(t, h * 3 // 2, w)
 
 
+def quantized_format_for(device: torch.device) -> str:
+    """What "auto" quantizes the block linears to on this CUDA device when bf16 does not fit (both halve them):
+    int8 per channel where our Gluon wgmma GEMM runs (Hopper), being there both faster and closer to bf16
+    than fp8 (H100 1.3B forward, same run: 136.4 vs 139.9 ms with sagesla, 171.9 vs 176.9 ms with sla,
+    bench/results/dit_h100_int8_vs_fp8.json; FFN-up linear error 1.2e-2 vs 3.7e-2); fp8 through cuBLAS on
+    the other GPUs from Ada on; int8 before (no fp8 tensor cores)."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    if wgmma_int8.available(device):
+        return "int8"
+    return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8"
+
+
 def _auto_quant(preset: spec.Preset, device: torch.device, reserve_gb: Optional[float]) -> tuple[Optional[str], str]:
     from .memory_plan import choose_quant, dit_bytes, text_encoder_bytes, vae_bytes
 
     if device.type != "cuda":
         return None, "not a GPU"
-    fp8_ok = torch.cuda.get_device_capability(device) >= (8, 9)
+    fp8_ok = quantized_format_for(device) == "fp8"
     free = free_device_bytes(device)
     vae = vae_bytes("tiny" if preset.tiny else "wan2.1")
     quant, why = choose_quant("auto", expert_bf16=dit_bytes(preset.arch, None),
@@ -250,7 +263,8 @@ class LoadPlan:
                 dtype: Optional[torch.dtype] = None, quant: Optional[str] = None,
                 reserve_gb: Optional[float] = None) -> "LoadPlan":
         """quant: None / "none" (bf16), "int8", "fp8", or "auto": bf16 when the first expert, the text
-        encoder and the working reserve fit in the free GPU memory, else fp8 (int8 before Ada/Hopper);
+        encoder and the working reserve fit in the free GPU memory, else int8 on Hopper, fp8 on the other GPUs
+        from Ada on, int8 before (`quantized_format_for`);
         memory_plan.py has the rules and their table."""
         preset = spec.get_preset(model_id)
         models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
