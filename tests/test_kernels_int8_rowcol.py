@@ -9,6 +9,8 @@ realistic width.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -366,6 +368,46 @@ def test_gpu_wgmma_gemm_every_config_matches_pointer_gemm(prefetch_scales, monke
                 assert err < 1e-6, (rows, inner, cols, config)
 
 
+@on_gpu
+@pytest.mark.gpu
+def test_gpu_wgmma_tuner_keeps_warm_up_short(monkeypatch):
+    """pick_config, with its cache emptied and its launches recorded: a GEMM of one wave of tiles launches only
+    the first configuration; a large one launches the warp-specialized configurations and no single-partition
+    one, and picks one of them. A bias at an address that is not 16-byte aligned is copied, not failed on."""
+    from turbodiffusion_core.quant import wgmma_int8
+
+    if not wgmma_int8.available():
+        pytest.skip(wgmma_int8.unavailable_reason())
+    monkeypatch.setattr(wgmma_int8, "_chosen", {})
+    launched = []
+    launch = wgmma_int8._launch
+
+    def recording_launch(*args):
+        launched.append(args[-1])
+        return launch(*args)
+
+    monkeypatch.setattr(wgmma_int8, "_launch", recording_launch)
+    for rows, inner, cols in ((512, 1536, 1536), (8192, 1536, 4096)):
+        launched.clear()
+        q_act = torch.randint(-127, 128, (rows, inner), device="cuda", dtype=torch.int8)
+        q_weight = torch.randint(-127, 128, (cols, inner), device="cuda", dtype=torch.int8)
+        a_scale, w_scale = torch.rand(rows, device="cuda"), torch.rand(cols, device="cuda")
+        out = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16)
+        config = wgmma_int8.pick_config(q_act, a_scale, q_weight, w_scale, None, out)
+        tried = sorted(set(launched))
+        print((rows, inner, cols), config, tried)
+        specialized = [c for c in wgmma_int8.fitting_configs(out) if c[6]]
+        if rows == 512:
+            assert tried == [config] == [wgmma_int8.fitting_configs(out)[0]]
+        else:
+            assert tried == sorted(specialized) and config in specialized
+    bias_storage = torch.randn(cols + 1, device="cuda").to(torch.bfloat16)
+    bias = bias_storage[1:]  # 2-byte offset
+    got = wgmma_int8.wgmma_int8_matmul(q_act, a_scale, q_weight, w_scale, bias, torch.empty_like(out))
+    want = rk.int8_rowcol_matmul(q_act, a_scale, q_weight, w_scale, bias.clone(), kernel="pointer")
+    assert rel_err(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("config_index", [0, 3, 4])
 def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index, ragged):
@@ -418,4 +460,11 @@ def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index
     assert compiled.metadata.shared <= wgmma_int8.shared_memory_bytes(config, 2)
     if specialized:
         assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx and "setmaxnreg.inc" in ptx
-        assert "mbarrier.arrive.shared" in ptx
+        # a stage goes back to the loader by one thread's arrival (barrier count 1): a barrier of all the MMA
+        # warps must come first, or warpgroup 0 could release a stage warpgroup 1's wgmma still reads
+        lines = [line.strip() for line in ptx.splitlines() if line.strip() and not line.strip().startswith(".loc")]
+        arrivals = [i for i, line in enumerate(lines) if "mbarrier.arrive.shared" in line]
+        assert arrivals
+        for i in arrivals:
+            assert any(re.match(rf"(bar|barrier)\.sync\s+\d+,\s*{warps * 32};", line) for line in lines[i - 6:i]), \
+                lines[i - 6:i + 1]

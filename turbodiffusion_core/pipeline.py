@@ -216,15 +216,18 @@ def _yuv420_planes(u8: torch.Tensor) -> torch.Tensor:
 
 def quantized_format_for(device: torch.device) -> str:
     """What "auto" quantizes the block linears to on this CUDA device when bf16 does not fit (both halve them):
-    int8 per channel where our Gluon wgmma GEMM runs (Hopper), being there both faster and closer to bf16
-    than fp8 (H100 1.3B forward, same run: 136.4 vs 139.9 ms with sagesla, 171.9 vs 176.9 ms with sla,
-    bench/results/dit_h100_int8_vs_fp8.json; FFN-up linear error 1.2e-2 vs 3.7e-2); fp8 through cuBLAS on
-    the other GPUs from Ada on; int8 before (no fp8 tensor cores)."""
-    from turbodiffusion_core.quant import wgmma_int8
+    int8 per channel where our Gluon wgmma GEMM runs it (Hopper, TD_INT8_KERNEL=rowcol and TD_INT8_GEMM=wgmma,
+    the defaults), being there a little faster and closer to bf16 than fp8 (H100 1.3B forward, same run:
+    136.4 vs 139.9 ms with sagesla, 171.9 vs 176.9 ms with sla, error vs diffusers 1.98e-2 vs 2.12e-2,
+    bench/results/dit_h100_int8_vs_fp8.json; FFN-up linear against the bf16 one 1.5e-2 vs 3.7e-2,
+    kernels_h100.json); fp8 through cuBLAS on the other GPUs from Ada on and with the slower int8 kernels;
+    int8 before Ada (no fp8 tensor cores)."""
+    from turbodiffusion_core.quant import rowcol_kernels, tile_int8, wgmma_int8
 
-    if wgmma_int8.available(device):
-        return "int8"
-    return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8"
+    fp8_ok = torch.cuda.get_device_capability(device) >= (8, 9)
+    int8_fast = (wgmma_int8.available(device) and tile_int8.int8_kernel_choice() == "rowcol"
+                 and rowcol_kernels.default_gemm_kernel() == "wgmma")
+    return "int8" if int8_fast or not fp8_ok else "fp8"
 
 
 def _auto_quant(preset: spec.Preset, device: torch.device, reserve_gb: Optional[float]) -> tuple[Optional[str], str]:

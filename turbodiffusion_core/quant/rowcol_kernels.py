@@ -229,8 +229,8 @@ asynchronous int32 wgmma; Hopper only, elsewhere "tma-persistent" runs), "tma-pe
 TMA descriptors; Hopper and newer, elsewhere the pointer kernel runs), "pointer" (pointer loads, any CUDA GPU).
 H100, FFN up 32760x1536x8960, GEMM alone: 0.98 / 0.85 / 0.87 ms (pointer / tma / tma-persistent,
 bench/results/int8_gemm_kernels_h100.json) and 0.78-0.84 ms for wgmma against 0.89 for tma-persistent in five
-later calls (int8_gemm_wgmma_h100*.json); 0.67-0.71 ms with its warp-specialized kernel and prefetched scales
-(int8_gemm_ws_h100.json); bf16 F.linear 1.16-1.28 ms."""
+later calls (int8_gemm_wgmma_h100*.json); 0.67-0.80 ms with its warp-specialized kernel and prefetched scales
+(int8_gemm_ws_h100*.json); bf16 F.linear 1.16-1.30 ms."""
 
 
 def default_gemm_kernel() -> str:

@@ -21,7 +21,9 @@ issue the TMA loads themselves, and the compiler puts block-wide barriers around
 `_int8_gemm_ws_kernel`, is warp-specialized (`gl.warp_specialize`): a one-warp loader partition (24
 registers, the rest handed to the MMA warps with setmaxnreg) walks the same tiles and K steps and refills a
 stage as soon as the MMA warps release it with an mbarrier arrival, so loading runs ahead through the
-epilogue and across tiles without stopping the MMA warps. H100, FFN up 32760x1536 -> 8960: 0.71-0.72 ms
+epilogue and across tiles. The MMA warps never wait for the loader's instructions, only for its data; they
+still meet each other once a K step (the compiler puts a barrier of their own threads before the release,
+which is what makes one arrival stand for both warpgroups' finished MMAs). H100, FFN up 32760x1536 -> 8960: 0.71-0.72 ms
 against 0.78-0.81 for the single-partition kernel (bench/results/int8_gemm_ws_h100.json).
 
 Same sums and epilogue as `_int8_rowcol_gemm_kernel`: float32(int32 acc) * sA[m] * sW[n] (+ bias) -> the
@@ -308,8 +310,8 @@ if gluon is not None:
         num_warps: gl.constexpr,
     ):
         """The same product as `_int8_gemm_wgmma_kernel`, warp-specialized: a one-warp loader partition keeps
-        the stage ring full (across tiles, through the epilogue) while the MMA warps only wait on mbarriers,
-        with no block-wide barrier inside the K loop."""
+        the stage ring full (across tiles, through the epilogue); the MMA warps wait for data on mbarriers and
+        never for the loader's instructions."""
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -335,7 +337,8 @@ WGMMA_CONFIGS = (
     # of two. H100, 32760 tokens, scales prefetched, in this order (bench/results/int8_gemm_ws_h100.json):
     # FFN up 0.724 / 0.714 / 0.722 / 0.748 / 0.813 / 0.787 ms, FFN down 0.634 / 0.650 / 0.660 / 0.680 / 0.639 /
     # 0.650 ms. Dropped: 128x128x128 with 8 warps (0.870 / 0.743), 128x256x64 with 4 or 6 buffers unspecialized
-    # (0.811 / 0.776 at FFN up), two programs an SM on 128x128x64 tiles (0.90 and 1.22 ms at FFN up).
+    # (0.811 / 0.776 at FFN up); earlier, two programs an SM on 128x128x64 tiles (0.90 and 1.22 ms at FFN up,
+    # int8_gemm_wgmma_h100_d.json).
     (128, 256, 64, 8, 5, 1, 1),
     (128, 256, 64, 8, 6, 1, 1),
     (128, 256, 128, 8, 3, 1, 1),
@@ -423,6 +426,7 @@ def wgmma_int8_matmul(q_act: torch.Tensor, act_scale: torch.Tensor, q_weight: to
     q_act int8 [M, K] and q_weight int8 [N, K] contiguous with 16-byte aligned rows (K % 16 == 0), scales
     float32, out [M, N] bf16/fp16/fp32 with 16-byte aligned rows. Callers check `available()` first.
     `config`: one of WGMMA_CONFIGS; by default `pick_config`'s (ValueError when none fits)."""
+    bias = _aligned(bias)
     if config is None:
         config = pick_config(q_act, act_scale, q_weight, weight_scale, bias, out)
         if config is None:
@@ -431,18 +435,32 @@ def wgmma_int8_matmul(q_act: torch.Tensor, act_scale: torch.Tensor, q_weight: to
     return out
 
 
+def _aligned(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The bias as the kernels take it: contiguous from a 16-byte aligned address (the scale prefetch copies it
+    in 4-byte pairs, which needs the alignment known at compile time); a copy only when it is not already."""
+    if bias is not None and (bias.data_ptr() % 16 or bias.stride(-1) != 1):
+        return bias.contiguous().clone()
+    return bias
+
+
 def pick_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> Optional[tuple[int, ...]]:
     """The fastest fitting configuration for this (M, N, K, output dtype, bias), timed once on the first call
     (all give the same bits); None when none compiles for this GPU (the caller runs another kernel).
 
-    Timing launches the candidates on the current stream, so a first call made while a CUDA graph is being
-    captured takes the first fitting configuration untimed (the pipeline's warm-up runs eagerly first)."""
+    To keep a worker's warm-up short (each configuration is a compile), the single-partition kernel is tried
+    only when no warp-specialized configuration runs (it was slower at every DiT shape measured), and a GEMM
+    of at most one wave of tiles (the text cross-attention's keys and values, say) takes the first
+    configuration that runs without trying the others. A configuration that fails to compile or lower is
+    logged and skipped. Timing launches the candidates on the current stream, so a first call made while a CUDA
+    graph is being captured takes the first fitting configuration untimed (the pipeline's warm-up runs
+    eagerly first)."""
     key = (q_act.shape[0], q_weight.shape[0], q_act.shape[1], out.dtype, bias is not None, q_act.device)
     if key in _chosen:
         return _chosen[key]
     candidates = fitting_configs(out)
     if torch.cuda.is_current_stream_capturing():
         return candidates[0] if candidates else None
+    bias = _aligned(bias)
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -450,16 +468,23 @@ def pick_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> Optional
         if key in _chosen:
             return _chosen[key]
         timings = {}
+        one_wave = bool(candidates) and _tiles(q_act.shape[0], q_weight.shape[0], candidates[0]) <= num_sms(q_act.device)
         for config in candidates:
+            if timings and (one_wave or (not config[6] and any(c[6] for c in timings))):
+                continue
             try:
                 timings[config] = _time_ms(lambda config=config: _launch(q_act, act_scale, q_weight, weight_scale,
                                                                          bias, out, config))
-            except (CompilationError, OutOfResources) as exc:
+            except (CompilationError, OutOfResources, RuntimeError) as exc:  # RuntimeError: a failed LLVM lowering
                 log.warning("int8 GEMM config %s does not run here: %s", config, str(exc).splitlines()[0][:200])
         _chosen[key] = min(timings, key=timings.get) if timings else None
         log.info("int8 GEMM %dx%dx%d -> %s: config %s (%s)", key[0], key[2], key[1], out.dtype, _chosen[key],
                  ", ".join(f"{c}: {ms:.3f} ms" for c, ms in timings.items()))
         return _chosen[key]
+
+
+def _tiles(rows: int, cols: int, config: tuple[int, ...]) -> int:
+    return triton.cdiv(rows, config[0]) * triton.cdiv(cols, config[1])
 
 
 def _time_ms(fn, reps: int = 10) -> float:
@@ -491,7 +516,7 @@ def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None
     a_desc = _descriptor(q_act, [block_m, block_k])
     w_desc = _descriptor(q_weight, [block_n, block_k])
     c_desc = _descriptor(out, [block_m, block_n])
-    tiles = triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
+    tiles = _tiles(rows, cols, config)
     warps_m, warps_n = _warps_per_cta(block_m, warps)
     kernel, extra = _int8_gemm_wgmma_kernel, {}
     if specialized:
