@@ -244,11 +244,10 @@ class Bench:
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
             "memory_cap_gb": args.memory_cap_gb,
-            "engine_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TD_")},
             "attention": self.cfg["attention"],
             "quant": self.cfg["quant"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "env": {k: v for k, v in os.environ.items() if k.startswith("TD_")},
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TD_")},  # the engine's settings
             "sections": {},
         }
         try:

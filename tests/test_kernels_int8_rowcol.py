@@ -442,15 +442,14 @@ def test_wgmma_kernel_compiles_for_hopper_with_the_installed_triton(config_index
     signature = {name: mangle_type(value) for name, value in args.items()}
     warps_m, warps_n = wgmma_int8._warps_per_cta(block_m, warps)
     constants = dict(HAS_BIAS=True, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
-                     INSTR_N=wgmma_int8._instr_n(block_m, block_n, warps), PREFETCH=True, num_warps=warps)
+                     INSTR_N=wgmma_int8._instr_n(block_m, block_n, warps), PREFETCH=True,
+                     SPECIALIZED=bool(specialized), num_warps=warps)
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
-    kernel = wgmma_int8._int8_gemm_ws_kernel if specialized else wgmma_int8._int8_gemm_wgmma_kernel
-    source = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+    source = GluonASTSource(wgmma_int8._int8_gemm_wgmma_kernel, signature,
+                            constexprs={(names.index(k),): v for k, v in constants.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i in range(3, 6 if ragged else 9)})
-    options = {"num_warps": warps}
-    if specialized:
-        options["maxnreg"] = wgmma_int8.max_registers(warps, specialized)
+    options = {"num_warps": warps, "maxnreg": wgmma_int8.max_registers(warps, specialized)}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx

@@ -16,15 +16,15 @@ loop is written out by hand:
 - each tile's row scales, column scales and bias are copied into shared memory (cp.async) when the tile
   starts, so the epilogue reads them there instead of waiting on global loads after the last MMA.
 
-Two kernels share those parts. `_int8_gemm_wgmma_kernel` runs everything in the same warps: the MMA warps
-issue the TMA loads themselves, and the compiler puts block-wide barriers around each refill. The default,
-`_int8_gemm_ws_kernel`, is warp-specialized (`gl.warp_specialize`): a one-warp loader partition (24
-registers, the rest handed to the MMA warps with setmaxnreg) walks the same tiles and K steps and refills a
-stage as soon as the MMA warps release it with an mbarrier arrival, so loading runs ahead through the
-epilogue and across tiles. The MMA warps never wait for the loader's instructions, only for its data; they
-still meet each other once a K step (the compiler puts a barrier of their own threads before the release,
-which is what makes one arrival stand for both warpgroups' finished MMAs). H100, FFN up 32760x1536 -> 8960: 0.71-0.72 ms
-against 0.78-0.81 for the single-partition kernel (bench/results/int8_gemm_ws_h100.json).
+The kernel comes in two schedules (`_int8_gemm_wgmma_kernel`'s SPECIALIZED). Without it everything runs in
+the same warps (`_single_partition`): the MMA warps issue the TMA loads themselves, and the compiler puts
+block-wide barriers around each refill. The default is warp-specialized (`gl.warp_specialize`): a one-warp
+loader partition (24 registers, the rest handed to the MMA warps with setmaxnreg) walks the same tiles and K
+steps and refills a stage as soon as the MMA warps release it with an mbarrier arrival, so loading runs ahead
+through the epilogue and across tiles. The MMA warps never wait for the loader's instructions, only for its
+data; they still meet each other once a K step (the compiler puts a barrier of their own threads before the
+release, which is what makes one arrival stand for both warpgroups' finished MMAs). H100, FFN up 32760x1536 ->
+8960: 0.71-0.72 ms against 0.78-0.81 for the single-partition schedule (bench/results/int8_gemm_ws_h100.json).
 
 Same sums and epilogue as `_int8_rowcol_gemm_kernel`: float32(int32 acc) * sA[m] * sW[n] (+ bias) -> the
 output dtype, so the result equals it bit for bit up to the compiler's multiply-add fusion.
@@ -196,37 +196,24 @@ if gluon is not None:
         return a_s, w_s, b_s
 
     @gluon.jit
-    def _int8_gemm_wgmma_kernel(
-        a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-        WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        """C[M, N] = float(A . W^T) * sA[:, None] * sW[None, :] (+ bias); persistent: a grid of at most the
-        number of SMs times the configuration's programs an SM."""
+    def _single_partition(a_desc, w_desc, c_desc, a_bufs, w_bufs, bars, c_smem, a_s, w_s, b_s, a_scale_ptr,
+                          w_scale_ptr, bias_ptr, M, N, K, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr,
+                          PREFETCH: gl.constexpr, NUM_WARPS: gl.constexpr, acc_layout: gl.constexpr):
+        """Every warp issues the loads and the MMAs: the refill of the stage the previous MMA read follows each
+        K step's MMA, and the next tile's first loads go out before this tile's epilogue."""
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
-                                                             instr_shape=[16, INSTR_N, 32])
-
-        a_s, w_s, b_s = _scale_buffers(a_scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_K], a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K], w_desc.layout)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_BUFFERS):
-            mbarrier.init(bars.index(i), count=1)
-
+        NUM_BUFFERS: gl.constexpr = a_bufs.type.shape[0]
         tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         step = gl.num_programs(0)
-        produced = _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, gl.to_tensor(0), gl.program_id(0), tiles, k_steps, M, N,
-                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
+        produced = _first_loads(a_desc, w_desc, a_bufs, w_bufs, bars, gl.to_tensor(0), gl.program_id(0), tiles,
+                                k_steps, M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_BUFFERS)
         consumed = gl.to_tensor(0)
         for tile in range(gl.program_id(0), tiles, step):
             off_m, off_n, acc = _start_tile(tile, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, GROUP_M,
-                                            HAS_BIAS, PREFETCH, num_warps, acc_layout)
+                                            HAS_BIAS, PREFETCH, NUM_WARPS, acc_layout)
             for kt in range(0, k_steps):
                 index = consumed % NUM_BUFFERS
                 mbarrier.wait(bars.index(index), (consumed // NUM_BUFFERS) & 1)
@@ -244,9 +231,6 @@ if gluon is not None:
             _epilogue(acc, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, off_m, off_n, M, N,
                       HAS_BIAS, PREFETCH)
         tma.store_wait(pendings=0)
-        for i in gl.static_range(NUM_BUFFERS):
-            mbarrier.invalidate(bars.index(i))
-
 
     @gluon.jit
     def _ws_loader(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr):
@@ -262,32 +246,26 @@ if gluon is not None:
         for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
             off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             for kt in range(0, k_steps):
-                index = produced % NUM_BUFFERS
                 # a fresh barrier counts as released once (parity 1): the first pass does not wait
-                mbarrier.wait(empty.index(index), ((produced // NUM_BUFFERS) & 1) ^ 1)
-                bar = ready.index(index)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(a_desc, [off_m, kt * BLOCK_K], bar, a_bufs.index(index))
-                _tma_load(w_desc, [off_n, kt * BLOCK_K], bar, w_bufs.index(index))
-                produced += 1
+                mbarrier.wait(empty.index(produced % NUM_BUFFERS), ((produced // NUM_BUFFERS) & 1) ^ 1)
+                produced = _load_stage(a_desc, w_desc, a_bufs, w_bufs, ready, produced, off_m, off_n, kt * BLOCK_K,
+                                       NUM_BUFFERS)
 
     @gluon.jit
     def _ws_consumer(a_bufs, w_bufs, ready, empty, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr,
                      bias_ptr, M, N, K, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_K: gl.constexpr,
-                     WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr):
+                     PREFETCH: gl.constexpr, NUM_WARPS: gl.constexpr, acc_layout: gl.constexpr):
         """Default partition (the kernel's num_warps): the MMAs (one wgmma group kept in flight, each stage
         released as soon as the MMA reading it is done) and the epilogue, tile after tile."""
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         NUM_BUFFERS: gl.constexpr = a_bufs.type.shape[0]
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
-                                                             instr_shape=[16, INSTR_N, 32])
         tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         consumed = 0
         for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
             off_m, off_n, acc = _start_tile(tile, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, GROUP_M,
-                                            HAS_BIAS, PREFETCH, WARPS_M * WARPS_N, acc_layout)
+                                            HAS_BIAS, PREFETCH, NUM_WARPS, acc_layout)
             for kt in range(0, k_steps):
                 index = consumed % NUM_BUFFERS
                 mbarrier.wait(ready.index(index), (consumed // NUM_BUFFERS) & 1)
@@ -303,32 +281,44 @@ if gluon is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _int8_gemm_ws_kernel(
+    def _int8_gemm_wgmma_kernel(
         a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
         HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
         WARPS_M: gl.constexpr, WARPS_N: gl.constexpr, INSTR_N: gl.constexpr, PREFETCH: gl.constexpr,
-        num_warps: gl.constexpr,
+        SPECIALIZED: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """The same product as `_int8_gemm_wgmma_kernel`, warp-specialized: a one-warp loader partition keeps
-        the stage ring full (across tiles, through the epilogue); the MMA warps wait for data on mbarriers and
-        never for the loader's instructions."""
+        """C[M, N] = float(A . W^T) * sA[:, None] * sW[None, :] (+ bias); persistent: a grid of at most the
+        number of SMs times the configuration's programs an SM. SPECIALIZED: a one-warp loader partition keeps
+        the stage ring full (across tiles, through the epilogue) and the MMA warps wait for its data on
+        mbarriers, never for its instructions; otherwise `_single_partition`."""
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                             instr_shape=[16, INSTR_N, 32])
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_K], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_BUFFERS, BLOCK_N, BLOCK_K], w_desc.layout)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
         a_s, w_s, b_s = _scale_buffers(a_scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+        if SPECIALIZED:  # the stages the MMA warps hand back to the loader
+            empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_ws_consumer, (a_bufs, w_bufs, ready, empty, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr, w_scale_ptr,
-                            bias_ptr, M, N, K, HAS_BIAS, GROUP_M, BLOCK_K, WARPS_M, WARPS_N, INSTR_N, PREFETCH)),
-            (_ws_loader, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M)),
-        ], [1], [24])
+            if SPECIALIZED:
+                mbarrier.init(empty.index(i), count=1)
+        if SPECIALIZED:
+            gl.warp_specialize([
+                (_ws_consumer, (a_bufs, w_bufs, ready, empty, c_desc, c_smem, a_s, w_s, b_s, a_scale_ptr,
+                                w_scale_ptr, bias_ptr, M, N, K, HAS_BIAS, GROUP_M, BLOCK_K, PREFETCH, num_warps,
+                                acc_layout)),
+                (_ws_loader, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M)),
+            ], [1], [24])
+        else:
+            _single_partition(a_desc, w_desc, c_desc, a_bufs, w_bufs, ready, c_smem, a_s, w_s, b_s, a_scale_ptr,
+                              w_scale_ptr, bias_ptr, M, N, K, HAS_BIAS, GROUP_M, PREFETCH, num_warps, acc_layout)
+            for i in gl.static_range(NUM_BUFFERS):
+                mbarrier.invalidate(ready.index(i))
 
 
 WGMMA_CONFIGS = (
@@ -426,7 +416,6 @@ def wgmma_int8_matmul(q_act: torch.Tensor, act_scale: torch.Tensor, q_weight: to
     q_act int8 [M, K] and q_weight int8 [N, K] contiguous with 16-byte aligned rows (K % 16 == 0), scales
     float32, out [M, N] bf16/fp16/fp32 with 16-byte aligned rows. Callers check `available()` first.
     `config`: one of WGMMA_CONFIGS; by default `pick_config`'s (ValueError when none fits)."""
-    bias = _aligned(bias)
     if config is None:
         config = pick_config(q_act, act_scale, q_weight, weight_scale, bias, out)
         if config is None:
@@ -460,7 +449,6 @@ def pick_config(q_act, act_scale, q_weight, weight_scale, bias, out) -> Optional
     candidates = fitting_configs(out)
     if torch.cuda.is_current_stream_capturing():
         return candidates[0] if candidates else None
-    bias = _aligned(bias)
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -511,6 +499,7 @@ def max_registers(num_warps: int, specialized: int) -> Optional[int]:
 
 def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None:
     block_m, block_n, block_k, warps, buffers, per_sm, specialized = config
+    bias = _aligned(bias)
     rows, inner = q_act.shape
     cols = q_weight.shape[0]
     a_desc = _descriptor(q_act, [block_m, block_k])
@@ -518,14 +507,12 @@ def _launch(q_act, act_scale, q_weight, weight_scale, bias, out, config) -> None
     c_desc = _descriptor(out, [block_m, block_n])
     tiles = _tiles(rows, cols, config)
     warps_m, warps_n = _warps_per_cta(block_m, warps)
-    kernel, extra = _int8_gemm_wgmma_kernel, {}
-    if specialized:
-        kernel, extra = _int8_gemm_ws_kernel, {"maxnreg": max_registers(warps, specialized)}
-    kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
+    _int8_gemm_wgmma_kernel[(min(tiles, per_sm * num_sms(q_act.device)),)](
         a_desc, w_desc, c_desc, act_scale, weight_scale, bias if bias is not None else act_scale,
         rows, cols, inner,
         HAS_BIAS=bias is not None, GROUP_M=8, NUM_BUFFERS=buffers, WARPS_M=warps_m, WARPS_N=warps_n,
-        INSTR_N=_instr_n(block_m, block_n, warps), PREFETCH=PREFETCH_SCALES, num_warps=warps, **extra,
+        INSTR_N=_instr_n(block_m, block_n, warps), PREFETCH=PREFETCH_SCALES, SPECIALIZED=bool(specialized),
+        num_warps=warps, maxnreg=max_registers(warps, specialized),
     )
 
 
